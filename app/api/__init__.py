@@ -1,0 +1,1 @@
+"""HTTP layer: validate, hand to the engine, turn released images into JSON."""

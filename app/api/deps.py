@@ -1,0 +1,32 @@
+"""Typed FastAPI dependencies: what a route needs, taken from the app's state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from app.engine.engine import Engine
+from app.metrics import Metrics
+from app.pipeline.loading import LoadedModel, LoadFailure
+from app.settings import Settings
+
+
+@dataclass
+class Services:
+    """Everything the app holds between requests; built in the lifespan, read by routes."""
+
+    settings: Settings
+    metrics: Metrics
+    engine: Engine | None = None
+    models: dict[str, LoadedModel] = field(default_factory=dict)
+    failures: list[LoadFailure] = field(default_factory=list)
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]

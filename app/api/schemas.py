@@ -1,0 +1,107 @@
+"""Request and response bodies. Types are checked here; bounds that come from settings in validation.py."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from app.gate import ReleasedImage
+
+
+class ImageGenerationBody(BaseModel):
+    """OpenAI's Images API generate body, plus the diffusion fields."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    prompt: str
+    model: str | None = None
+    n: int = 1
+    size: str | None = Field(None, description='"WxH" (or "auto" for the model default)')
+    response_format: str | None = Field(None, description="only b64_json")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: str | None = None
+    # Accepted for OpenAI compatibility; they do not change diffusion sampling.
+    quality: str | None = None
+    style: str | None = None
+    background: str | None = None
+    moderation: str | None = None
+    # Diffusion fields.
+    negative_prompt: str | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    sampler: str | None = None
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+
+
+class GenerationRecordOut(BaseModel):
+    model: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    eta: float
+    width: int
+    height: int
+    negative_prompt: str
+
+
+class ReleaseOut(BaseModel):
+    outcome: str
+    labels: list[str]
+    reasons: list[str]
+    sha256: str
+
+
+class ImageOut(BaseModel):
+    b64_json: str
+    revised_prompt: str
+    generation: GenerationRecordOut
+    release: ReleaseOut
+
+    @classmethod
+    def from_released(cls, image: ReleasedImage, b64: str) -> ImageOut:
+        r = image.record
+        return cls(
+            b64_json=b64,
+            revised_prompt=r.prompt,
+            generation=GenerationRecordOut(
+                model=r.model,
+                sampler=r.sampler,
+                steps=r.steps,
+                guidance_scale=r.guidance_scale,
+                seed=r.seed,
+                eta=r.eta,
+                width=r.width,
+                height=r.height,
+                negative_prompt=r.negative_prompt,
+            ),
+            release=ReleaseOut(
+                outcome=image.decision.outcome,
+                labels=list(image.decision.labels),
+                reasons=list(image.decision.reasons),
+                sha256=image.sha256,
+            ),
+        )
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageOut]
+    output_format: str
+    size: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "imagegen"
+    defaults: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

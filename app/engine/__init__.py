@@ -1,0 +1,1 @@
+"""Turns accepted generation requests into released images, one worker per model."""

@@ -1,0 +1,78 @@
+"""``release()`` is the only constructor of ``ReleasedImage``, the only thing a response may carry.
+
+The type check is structural, not a convention: ``ReleasedImage.__post_init__`` refuses any caller
+that does not hold this module's private token.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+from app import __version__
+from app.gate.labels import MEDIA_TYPES, encode_labeled, xmp_packet
+
+_TOKEN = object()
+SYSTEM_NAME = "imagegen"
+
+
+@dataclass(frozen=True)
+class GenerationRecord:
+    """How an image was made: enough to make it again."""
+
+    model: str
+    prompt: str
+    negative_prompt: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    seed: int
+    eta: float
+    width: int
+    height: int
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class ReleaseDecision:
+    outcome: Literal["synthetic_labeled_preview"]
+    labels: tuple[str, ...]
+    reasons: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ReleasedImage:
+    data: bytes
+    format: str
+    record: GenerationRecord
+    decision: ReleaseDecision
+    sha256: str
+    _token: object = field(repr=False, compare=False, default=None)
+
+    def __post_init__(self) -> None:
+        if self._token is not _TOKEN:
+            raise TypeError("a ReleasedImage is made only by app.gate.release()")
+
+    @property
+    def media_type(self) -> str:
+        return MEDIA_TYPES[self.format]
+
+
+def release(pixels: np.ndarray, record: GenerationRecord, fmt: str, compression: int | None) -> ReleasedImage:
+    """Label and encode generated pixels (H, W, 3) uint8 for release."""
+    xmp = xmp_packet(f"{SYSTEM_NAME}/{record.model}", __version__)
+    data = encode_labeled(pixels, fmt, compression, xmp, record.as_dict())
+    labels = ("iptc_xmp", "png_parameters") if fmt == "png" else ("iptc_xmp",)
+    return ReleasedImage(
+        data=data,
+        format=fmt,
+        record=record,
+        decision=ReleaseDecision(outcome="synthetic_labeled_preview", labels=labels),
+        sha256=hashlib.sha256(data).hexdigest(),
+        _token=_TOKEN,
+    )

@@ -1,0 +1,78 @@
+"""create_app(): the FastAPI application. Nothing heavy happens at import time.
+
+Models load in a background thread started by the lifespan, so the process answers /healthz at once
+and /readyz turns true only when every loaded model has run its warm-up step.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+import torch
+from fastapi import FastAPI, Request, Response
+
+from app import __version__
+from app.api import routes_health, routes_images, routes_models
+from app.api.deps import Services
+from app.api.errors import install_error_handlers
+from app.engine.engine import Engine
+from app.metrics import Metrics
+from app.pipeline.loading import load_all, resolve_device, resolve_dtype
+from app.settings import Settings
+
+log = logging.getLogger(__name__)
+
+
+def load_and_start(services: Services) -> None:
+    settings = services.settings
+    try:
+        device = resolve_device(settings.device)
+        dtype = resolve_dtype(settings.dtype, device)
+        models, failures = load_all(settings.models_dir, device, dtype)
+    except Exception:
+        log.exception("model loading failed")
+        return
+    services.models = {m.name: m for m in models}
+    services.failures = failures
+    if not models:
+        log.error("no model could be loaded from %s", settings.models_dir)
+        return
+    engine = Engine(models)
+    engine.start()
+    services.engine = engine
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+    services = Services(settings=settings, metrics=Metrics())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        if settings.torch_threads:
+            torch.set_num_threads(settings.torch_threads)
+        loader = threading.Thread(target=load_and_start, args=(services,), name="model-loader", daemon=True)
+        loader.start()
+        yield
+        loader.join()
+        if services.engine is not None:
+            services.engine.stop(timeout=30)
+
+    app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan)
+    app.state.services = services
+    install_error_handlers(app)
+    for module in (routes_images, routes_models, routes_health):
+        app.include_router(module.router)
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        started = time.perf_counter()
+        response = await call_next(request)
+        route = getattr(request.scope.get("route"), "path", "unmatched")
+        services.metrics.observe_request(route, request.method, response.status_code, time.perf_counter() - started)
+        return response
+
+    return app

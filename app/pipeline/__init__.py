@@ -1,0 +1,1 @@
+"""Model folders → typed components on a device (text encoder, denoiser, decoder)."""
