@@ -1,0 +1,93 @@
+"""The real server process (`python -m app serve`) driven by the official openai client."""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from openai import OpenAI
+from PIL import Image
+
+from tests.helpers import assert_labeled_synthetic
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "IMAGEGEN_HOST": "127.0.0.1",
+        "IMAGEGEN_PORT": str(port),
+        "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
+        "IMAGEGEN_DEVICE": "cpu",
+        "IMAGEGEN_DEFAULT_MODEL": "tiny-v",
+        "IMAGEGEN_TORCH_THREADS": "1",
+    }
+    log = tmp_path_factory.mktemp("server") / "server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_openai_client_generates_a_labeled_png(server: str) -> None:
+    client = OpenAI(base_url=f"{server}/v1", api_key="not-needed")
+    result = client.images.generate(
+        prompt="product photo of a crimson coffee mug, white backdrop",
+        n=2,
+        size="32x32",  # type: ignore[arg-type]  # any WxH the model supports
+        response_format="b64_json",
+        extra_body={"num_inference_steps": 4, "seed": 42, "guidance_scale": 3.0, "sampler": "dpmpp_2m"},
+    )
+    assert result.data is not None and len(result.data) == 2
+    for item in result.data:
+        assert item.b64_json is not None
+        image = Image.open(io.BytesIO(base64.b64decode(item.b64_json)))
+        assert image.format == "PNG" and image.size == (32, 32)
+        assert_labeled_synthetic(image, "tiny-v")
+    extra = result.data[0].model_extra or {}
+    assert extra["generation"]["seed"] == 42 and extra["generation"]["model"] == "tiny-v"
+
+
+def test_openai_client_lists_models(server: str) -> None:
+    client = OpenAI(base_url=f"{server}/v1", api_key="not-needed")
+    assert {m.id for m in client.models.list()} == {"tiny-eps", "tiny-v", "tiny-lcm"}
+
+
+def test_openai_client_sees_error_codes(server: str) -> None:
+    client = OpenAI(base_url=f"{server}/v1", api_key="not-needed", max_retries=0)
+    with pytest.raises(Exception) as info:
+        client.images.generate(prompt="a mug", model="missing-model")
+    assert getattr(info.value, "status_code", None) == 404
+    assert getattr(info.value, "code", None) == "model_not_found"
