@@ -1,0 +1,15 @@
+"""The README's settings table lists exactly the settings the service reads."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from app.settings import Settings
+
+README = Path(__file__).resolve().parents[2] / "README.md"
+
+
+def test_readme_documents_every_setting() -> None:
+    documented = set(re.findall(r"^\| `IMAGEGEN_([A-Z_]+)` \|", README.read_text(), flags=re.M))
+    assert documented == {name.upper() for name in Settings.model_fields}
