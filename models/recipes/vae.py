@@ -1,0 +1,115 @@
+"""Stage 2: an AutoencoderKL 128×128×3 → 16×16×4, then the latent statistics of the training set.
+
+Trained on random 64×64 crops (the network is fully convolutional: no mid-block attention), with
+L1 + an edge (Sobel) L1 that keeps product outlines sharp + a tiny KL.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKL
+
+from models.recipes.common import RUNS, Checkpoint, Progress, device, load_split, log, seed_everything, write_json
+
+VAE_CONFIG = dict(
+    in_channels=3, out_channels=3, latent_channels=4, block_out_channels=(24, 48, 96, 96), layers_per_block=1,
+    down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4, norm_num_groups=8,
+    sample_size=128, mid_block_add_attention=False, scaling_factor=1.0,
+)  # fmt: skip
+STEPS, BATCH, CROP, LR, KL_WEIGHT, EDGE_WEIGHT = 1800, 16, 64, 1e-3, 1e-6, 0.5
+
+
+def to_tensor(images: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+
+
+def sobel(x: torch.Tensor) -> torch.Tensor:
+    k = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=x.dtype, device=x.device)
+    kernel = torch.stack([k, k.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
+    return F.conv2d(x, kernel, padding=1, groups=x.shape[1])
+
+
+def train_vae(train: dict[str, np.ndarray]) -> AutoencoderKL:
+    dev = device()
+    ckpt = Checkpoint("vae")
+    final = ckpt.dir / "final"
+    if ckpt.done_marker().exists():
+        return AutoencoderKL.from_pretrained(final).to(dev)
+    seed_everything(0)
+    vae = AutoencoderKL(**VAE_CONFIG).to(dev)
+    opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
+    start = 0
+    if (state := ckpt.load()) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+        torch.set_rng_state(state["rng"])
+    gen = np.random.default_rng(1234 + start)
+    images = train["images"]
+    progress = Progress("vae", STEPS, start)
+    for step in range(start, STEPS):
+        lr = LR * min(1.0, (step + 1) / 100) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / STEPS)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        idx = gen.integers(0, len(images), BATCH)
+        oy, ox = (gen.integers(0, (128 - CROP) // 8 + 1, 2) * 8).tolist()
+        x = to_tensor(images[idx, oy : oy + CROP, ox : ox + CROP]).to(dev)
+        posterior = vae.encode(x).latent_dist
+        y = vae.decode(posterior.sample()).sample
+        rec = (y - x).abs().mean()
+        edge = (sobel(y) - sobel(x)).abs().mean()
+        kl = posterior.kl().mean()
+        loss = rec + EDGE_WEIGHT * edge + KL_WEIGHT * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            progress.report(step + 1, l1=rec.item(), edge=edge.item(), kl=kl.item(), lr=lr)
+        if (step + 1) % 200 == 0 or step + 1 == STEPS:
+            ckpt.save(
+                {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "rng": torch.get_rng_state()}
+            )
+    vae.save_pretrained(final)
+    ckpt.done_marker().touch()
+    return vae
+
+
+@torch.inference_mode()
+def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Tensor:
+    dev = next(vae.parameters()).device
+    out = [
+        vae.encode(to_tensor(images[i : i + batch]).to(dev)).latent_dist.mode().cpu()
+        for i in range(0, len(images), batch)
+    ]
+    return torch.cat(out)  # (N, 4, 16, 16), unnormalised
+
+
+@torch.inference_mode()
+def reconstruction_error(vae: AutoencoderKL, images: np.ndarray) -> float:
+    dev = next(vae.parameters()).device
+    x = to_tensor(images).to(dev)
+    y = vae.decode(vae.encode(x).latent_dist.mode()).sample.clamp(-1, 1)
+    return float(((y - x).abs().mean() * 127.5).item())  # mean abs error in 0-255 units
+
+
+def run(train_count: int) -> None:
+    train = load_split("train", 0, train_count)
+    vae = train_vae(train).eval()
+    path = RUNS / "vae" / "latents.pt"
+    if path.exists():
+        log("latents: cached")
+        return
+    latents = encode_latents(vae, train["images"])
+    mean = latents.mean(dim=(0, 2, 3))
+    std = latents.std(dim=(0, 2, 3))
+    val = load_split("val", 0, 512)
+    mae = reconstruction_error(vae, val["images"][:256])
+    stats = {"latents_mean": mean.tolist(), "latents_std": std.tolist(), "val_mae_0_255": mae}
+    write_json(RUNS / "vae" / "stats.json", stats)
+    log(f"latents per channel: mean {np.round(mean.numpy(), 3)} std {np.round(std.numpy(), 3)}; val MAE {mae:.2f}/255")
+    torch.save(latents, path)
