@@ -16,12 +16,15 @@ import torch
 from fastapi import FastAPI, Request, Response
 
 from app import __version__
-from app.api import routes_health, routes_images, routes_models
+from app.api import routes_health, routes_images, routes_jobs, routes_models
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
-from app.engine.engine import Engine
+from app.engine.engine import Engine, EngineConfig, EngineObserver
+from app.engine.jobs import JobStore
+from app.engine.scheduler import SchedulerConfig
 from app.metrics import Metrics
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
+from app.pipeline.prompts import PromptCache
 from app.settings import Settings
 
 log = logging.getLogger(__name__)
@@ -41,14 +44,35 @@ def load_and_start(services: Services) -> None:
     if not models:
         log.error("no model could be loaded from %s", settings.models_dir)
         return
-    engine = Engine(models)
+    config = EngineConfig(
+        scheduler=SchedulerConfig(
+            max_rows_per_forward=settings.max_rows_per_forward,
+            max_queued_images=settings.max_queued_images,
+            buckets=settings.buckets(),
+        ),
+        deadline_seconds=settings.request_deadline_seconds,
+    )
+    observer = EngineObserver(on_step=services.metrics.observe_step, on_job=services.metrics.observe_job)
+    engine = Engine(models, config, services.cache, observer)
     engine.start()
     services.engine = engine
 
 
+def live_values(services: Services) -> dict[str, dict[str, tuple[float, ...]]]:
+    engine = services.engine
+    load = {name: tuple(float(v) for v in w.load()) for name, w in engine.workers.items()} if engine else {}
+    return {"load": load, "cache": {"": (float(services.cache.hits), float(services.cache.misses))}}
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
-    services = Services(settings=settings, metrics=Metrics())
+    services = Services(
+        settings=settings,
+        metrics=Metrics(),
+        cache=PromptCache(settings.prompt_cache_entries),
+        jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds),
+    )
+    services.metrics.watch(lambda: live_values(services))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -64,7 +88,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for module in (routes_images, routes_models, routes_health):
+    for module in (routes_images, routes_jobs, routes_models, routes_health):
         app.include_router(module.router)
 
     @app.middleware("http")

@@ -28,4 +28,14 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, description="Most denoising steps per request.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Largest guidance_scale.")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width × height.")
+    max_rows_per_forward: int = Field(16, ge=2, description="UNet rows per forward pass (uncond rows count).")
+    max_queued_images: int = Field(64, ge=1, description="Images accepted but not yet running; more → 429.")
+    batch_buckets: str = Field("", description='Pad forwards to fixed sizes, e.g. "1,2,4,8,16" (CUDA graphs).')
+    request_deadline_seconds: float | None = Field(300.0, gt=0, description="A request not done by then → 504.")
+    prompt_cache_entries: int = Field(1024, ge=0, description="LRU entries of (model, prompt) → token states.")
+    job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished async jobs keep their result.")
+    max_jobs: int = Field(256, ge=1, description="Async jobs kept at most (finished ones are dropped first).")
     log_level: str = Field("info", description="Python log level.")
+
+    def buckets(self) -> tuple[int, ...]:
+        return tuple(sorted(int(b) for b in self.batch_buckets.split(",") if b.strip()))

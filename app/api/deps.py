@@ -8,8 +8,10 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from app.engine.engine import Engine
+from app.engine.jobs import JobStore
 from app.metrics import Metrics
 from app.pipeline.loading import LoadedModel, LoadFailure
+from app.pipeline.prompts import PromptCache
 from app.settings import Settings
 
 
@@ -19,6 +21,8 @@ class Services:
 
     settings: Settings
     metrics: Metrics
+    cache: PromptCache
+    jobs: JobStore
     engine: Engine | None = None
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)

@@ -1,34 +1,50 @@
-"""POST /v1/images/generations: OpenAI's Images API, answered with released images only."""
+"""POST /v1/images/generations: OpenAI's Images API, answered with released images only.
+
+With ``Prefer: respond-async`` (RFC 7240) the request is queued as a job: 202 with its id and a
+Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
+"""
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import time
 import uuid
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
 
-from app.api.deps import ServicesDep
+from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
-from app.api.schemas import ImageGenerationBody, ImageOut, ImagesResponse
+from app.api.responses import images_response, job_body
+from app.api.schemas import ImageGenerationBody, ImagesResponse
 from app.api.validation import resolve
+from app.api.waiting import submit, wait_for
+from app.engine.engine import Engine
 
 router = APIRouter()
 
 
-@router.post("/v1/images/generations", response_model=ImagesResponse)
-async def generate(body: ImageGenerationBody, services: ServicesDep, request: Request) -> ImagesResponse:
+def ready_engine(services: Services) -> Engine:
     if services.engine is None or not services.engine.ready:
         raise APIError(503, "not_ready", "the service is starting; retry shortly", headers={"Retry-After": "5"})
+    return services.engine
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses={202: {"description": "job queued"}})
+async def generate(
+    body: ImageGenerationBody,
+    services: ServicesDep,
+    request: Request,
+    prefer: Annotated[str | None, Header()] = None,
+) -> ImagesResponse | JSONResponse:
+    engine = ready_engine(services)
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
     req = resolve(body, services.models, services.settings, request_id)
-    result = await asyncio.wrap_future(services.engine.submit(req))
-    # base64 of a few hundred kB is cheap, but keep it off the loop like everything else.
-    encoded = await asyncio.to_thread(lambda: [base64.b64encode(i.data).decode() for i in result.images])
-    return ImagesResponse(
-        created=int(time.time()),
-        data=[ImageOut.from_released(img, b64) for img, b64 in zip(result.images, encoded, strict=True)],
-        output_format=req.output.format,
-        size=f"{req.width}x{req.height}",
-    )
+    respond_async = prefer is not None and "respond-async" in prefer.lower()
+    if respond_async and not services.jobs.has_room():
+        raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
+    job = submit(engine, req)
+    if respond_async:
+        services.jobs.add(job)
+        headers = {"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"}
+        return JSONResponse(await job_body(job, engine), status_code=202, headers=headers)
+    return await images_response(req, await wait_for(job, engine, request))

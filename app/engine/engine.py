@@ -1,36 +1,72 @@
-"""One worker thread per model runs whole requests: encode, denoise every row together, decode, release.
+"""The step loop, one thread per model: every denoising step runs one UNet forward over all active rows.
 
-HTTP handlers only ``await`` the future ``submit()`` returns, so no torch work ever runs on the event
-loop. The worker owns its model: nothing else touches the modules while it runs.
+Requests with different samplers, step counts, guidance scales and seeds join at the next step
+boundary and leave when done (continuous batching). Cancellation, client disconnects and deadlines
+take effect at step boundaries: the job's rows are removed and compute for them stops. HTTP handlers
+only await a job's future, so no torch work runs on the event loop.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
-from concurrent.futures import Future
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
-from app.engine.request import GenerationRequest, OutputSpec
-from app.engine.runner import Runner
-from app.gate import GenerationRecord, ReleasedImage, release
+from app.engine.request import (
+    DeadlineExceeded,
+    GenerationRequest,
+    GenerationResult,
+    Job,
+    JobCancelled,
+    OutputSpec,
+    RowState,
+)
+from app.engine.runner import Runner, prompt_states
+from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from app.gate import GenerationRecord, release
 from app.pipeline.loading import LoadedModel
+from app.pipeline.prompts import PromptCache
 
 log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
-class GenerationResult:
-    images: list[ReleasedImage]
-    seconds: float
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deadline_seconds: float | None = None
 
 
 @dataclass(frozen=True)
-class _Job:
-    request: GenerationRequest
-    future: Future[GenerationResult]
+class StepStats:
+    """What one step did; metrics.py turns these into Prometheus series."""
+
+    model: str
+    rows: int  # images advanced
+    unet_rows: int  # rows in the forward, uncond rows included
+    uncond_rows: int
+    padded_rows: int
+    seconds: float
+    queued_images: int
+    running_rows: int
+
+
+@dataclass(frozen=True)
+class JobStats:
+    model: str
+    sampler: str
+    images: int
+    outcome: str  # succeeded | cancelled | deadline_exceeded | failed
+    queue_seconds: float | None  # submit → first step
+    total_seconds: float
+    decode_seconds: float = 0.0
+
+
+@dataclass
+class EngineObserver:
+    on_step: Callable[[StepStats], None] = lambda _: None
+    on_job: Callable[[JobStats], None] = lambda _: None
 
 
 def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
@@ -49,44 +85,74 @@ def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
     )
 
 
-class ModelWorker:
-    def __init__(self, model: LoadedModel) -> None:
+class ModelEngine:
+    def __init__(
+        self, model: LoadedModel, config: EngineConfig, cache: PromptCache, observer: EngineObserver | None = None
+    ) -> None:
         self.model = model
+        self.config = config
+        self.cache = cache
+        self.observer = observer or EngineObserver()
         self.runner = Runner(model)
+        self.scheduler = Scheduler(config.scheduler)
         self.ready = threading.Event()
-        self._jobs: queue.Queue[_Job | None] = queue.Queue()
+        self._cv = threading.Condition()
+        self._inbox: list[Job] = []
+        self._active: dict[str, Job] = {}
+        self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
 
+    # ---- called from other threads -------------------------------------------------------
     def start(self) -> None:
         self._thread.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        self._jobs.put(None)
+        """Finish what was accepted, then end the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
         self._thread.join(timeout)
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
-        future: Future[GenerationResult] = Future()
-        self._jobs.put(_Job(request, future))
-        return future
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound."""
+        deadline = None
+        if self.config.deadline_seconds is not None:
+            deadline = time.monotonic() + self.config.deadline_seconds
+        job = Job(request=request, deadline=deadline)
+        with self._cv:
+            inbox_images = sum(j.request.n for j in self._inbox)
+            if self.scheduler.queued_images + inbox_images + request.n > self.config.scheduler.max_queued_images:
+                raise QueueFull(self.scheduler.retry_after())
+            self._inbox.append(job)
+            self._active[job.id] = job
+            self._cv.notify()
+        return job
 
+    def wake(self) -> None:
+        """A job was cancelled: let the loop notice even if it is idle."""
+        with self._cv:
+            self._cv.notify()
+
+    def queue_position(self, job: Job) -> int:
+        with self._cv:
+            if job in self._inbox:
+                return len({id(r.job) for r in self.scheduler.waiting}) + self._inbox.index(job)
+            return self.scheduler.queue_position(job)
+
+    def load(self) -> tuple[int, int]:
+        """(images waiting, rows running) for the metrics."""
+        with self._cv:
+            return self.scheduler.queued_images + sum(j.request.n for j in self._inbox), self.scheduler.running_rows
+
+    # ---- the engine thread -----------------------------------------------------------------
     def warm_up(self) -> None:
         """One real step at the default size: allocators, kernels and lazy inits happen before /readyz."""
         d = self.model.defaults
         req = GenerationRequest(
-            model=self.model.name,
-            prompt="warm-up",
-            negative_prompt="",
-            n=1,
-            width=d.width,
-            height=d.height,
-            steps=1,
-            guidance_scale=d.guidance_scale,
-            seed=0,
-            sampler=d.sampler,
-            eta=0.0,
-            output=OutputSpec(),
-        )
-        self.runner.step(self.runner.new_rows(req, *self.runner.encode(req)))
+            model=self.model.name, prompt="", negative_prompt="", n=1, width=d.width, height=d.height, steps=1,
+            guidance_scale=d.guidance_scale, seed=0, sampler=d.sampler, eta=0.0, output=OutputSpec(),
+        )  # fmt: skip
+        self.runner.forward(self.runner.new_rows(req, *prompt_states(self.model, req, self.cache)))
 
     def _loop(self) -> None:
         try:
@@ -95,29 +161,135 @@ class ModelWorker:
             log.exception("warm-up of %s failed", self.model.name)
             return
         self.ready.set()
-        while (job := self._jobs.get()) is not None:
-            if not job.future.set_running_or_notify_cancel():
+        while True:
+            with self._cv:
+                while not self._inbox and not self._active and not self._stopping:
+                    self._cv.wait()
+                if self._stopping and not self._active:
+                    return
+                new, self._inbox = self._inbox, []
+            for job in new:
+                self._materialize(job)
+            self._reap()
+            with self._cv:
+                batch = self.scheduler.schedule()
+            if batch is None:
                 continue
+            now = time.monotonic()
+            for row in batch.rows:
+                if row.job is not None and row.job.first_step_at is None:
+                    row.job.first_step_at, row.job.state = now, "running"
             try:
-                job.future.set_result(self._generate(job.request))
-            except Exception as exc:  # the request fails, the worker lives on
-                log.exception("generation failed for request %s", job.request.request_id)
-                job.future.set_exception(exc)
+                result = self.runner.run(batch)
+            except Exception as exc:  # a failed forward fails the jobs in it, not the engine
+                log.exception("step failed on %s", self.model.name)
+                for job in {id(r.job): r.job for r in batch.rows if r.job is not None}.values():
+                    self._fail(job, exc, "failed")
+                continue
+            with self._cv:
+                finished = self.scheduler.update(batch, result)
+                queued, running = self.scheduler.queued_images, self.scheduler.running_rows
+            uncond = sum(r.cost - 1 for r in batch.rows)
+            self.observer.on_step(
+                StepStats(
+                    self.model.name,
+                    len(batch.rows),
+                    batch.cost,
+                    uncond,
+                    batch.padded_to - batch.cost,
+                    result.seconds,
+                    queued,
+                    running,
+                )
+            )
+            self._complete(finished)
 
-    def _generate(self, req: GenerationRequest) -> GenerationResult:
+    def _materialize(self, job: Job) -> None:
+        """Encode the prompts (cached) and draw each row's initial noise, then queue the rows."""
+        try:
+            cond, uncond = prompt_states(self.model, job.request, self.cache)
+            job.rows = self.runner.new_rows(job.request, cond, uncond, job=job)
+        except Exception as exc:
+            log.exception("could not start job %s", job.id)
+            self._fail(job, exc, "failed")
+            return
+        with self._cv:
+            self.scheduler.waiting.extend(job.rows)  # capacity was reserved in submit()
+
+    def _reap(self) -> None:
+        """Remove the rows of cancelled and overdue jobs before the next forward."""
+        now = time.monotonic()
+        for job in list(self._active.values()):
+            if job.cancel_requested:
+                self._fail(job, JobCancelled("cancelled"), "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._fail(
+                    job, DeadlineExceeded(f"not finished within {self.config.deadline_seconds}s"), "deadline_exceeded"
+                )
+
+    def _fail(self, job: Job, exc: Exception, outcome: str) -> None:
+        with self._cv:
+            self.scheduler.remove(job)
+            self._active.pop(job.id, None)
+        job.state = "cancelled" if outcome == "cancelled" else "failed"
+        job.error = outcome
+        job.finished_at = time.monotonic()
+        if not job.future.done():
+            job.future.set_exception(exc)
+        self.observer.on_job(self._job_stats(job, outcome))
+
+    def _complete(self, finished: list[RowState]) -> None:
+        """Decode every job whose last row just finished, in one VAE batch, and release its images."""
+        jobs = {id(r.job): r.job for r in finished if r.job is not None and all(x.done for x in r.job.rows)}
+        if not jobs:
+            return
+        done = list(jobs.values())
         started = time.perf_counter()
-        pixels = self.model.decoder.decode(self.runner.generate_latents(req))
-        images = [
-            release(pixels[i], image_record(req, i), req.output.format, req.output.compression) for i in range(req.n)
-        ]
-        return GenerationResult(images=images, seconds=time.perf_counter() - started)
+        try:
+            pixels = self.runner.decode([row for job in done for row in job.rows])
+        except Exception as exc:
+            log.exception("decode failed on %s", self.model.name)
+            for job in done:
+                self._fail(job, exc, "failed")
+            return
+        decode_seconds = time.perf_counter() - started
+        offset = 0
+        for job in done:
+            req = job.request
+            try:
+                images = [
+                    release(pixels[offset + i], image_record(req, i), req.output.format, req.output.compression)
+                    for i in range(req.n)
+                ]
+            except Exception as exc:
+                self._fail(job, exc, "failed")
+                continue
+            finally:
+                offset += req.n
+            with self._cv:
+                self._active.pop(job.id, None)
+            job.state, job.finished_at = "succeeded", time.monotonic()
+            if not job.future.done():
+                job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
+            self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
+
+    def _job_stats(self, job: Job, outcome: str, decode_seconds: float = 0.0) -> JobStats:
+        queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at
+        total = (job.finished_at or time.monotonic()) - job.submitted_at
+        return JobStats(self.model.name, job.request.sampler, job.request.n, outcome, queue, total, decode_seconds)
 
 
 class Engine:
-    """The workers of every loaded model, addressed by model name."""
+    """The step loops of every loaded model, addressed by model name."""
 
-    def __init__(self, models: list[LoadedModel]) -> None:
-        self.workers = {m.name: ModelWorker(m) for m in models}
+    def __init__(
+        self,
+        models: list[LoadedModel],
+        config: EngineConfig,
+        cache: PromptCache,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.workers = {m.name: ModelEngine(m, config, cache, observer) for m in models}
 
     def start(self) -> None:
         for w in self.workers.values():
@@ -131,5 +303,9 @@ class Engine:
     def ready(self) -> bool:
         return bool(self.workers) and all(w.ready.is_set() for w in self.workers.values())
 
-    def submit(self, request: GenerationRequest) -> Future[GenerationResult]:
+    def submit(self, request: GenerationRequest) -> Job:
         return self.workers[request.model].submit(request)
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        self.workers[job.request.model].wake()

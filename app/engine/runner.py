@@ -1,13 +1,21 @@
-"""Executes denoising steps: one UNet forward over every row given, CFG per row, each row's own sampler."""
+"""Executes a StepBatch: one UNet forward over all its rows, CFG per row, each row's own sampler step.
+
+The runner writes each row's new latent; the scheduler advances its step counter. Finished rows are
+VAE-decoded together.
+"""
 
 from __future__ import annotations
 
+import time
 from collections import defaultdict
 
+import numpy as np
 import torch
 
-from app.engine.request import GenerationRequest, RowState, row_generator
+from app.engine.request import GenerationRequest, Job, RowState, row_generator
+from app.engine.scheduler import StepBatch, StepResult
 from app.pipeline.loading import LoadedModel
+from app.pipeline.prompts import PromptCache
 from app.samplers import Sampler
 from app.samplers.guidance import apply_cfg
 
@@ -17,26 +25,25 @@ def needs_uncond_row(model: LoadedModel, guidance_scale: float) -> bool:
     return guidance_scale > 1.0 and not model.distilled
 
 
+def prompt_states(
+    model: LoadedModel, req: GenerationRequest, cache: PromptCache | None = None
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Prompt states (L, D), plus negative-prompt states when the request's rows need uncond rows."""
+    texts = [req.prompt, req.negative_prompt] if needs_uncond_row(model, req.guidance_scale) else [req.prompt]
+    if cache is not None:
+        states = cache.encode(model.name, model.text_encoder, texts)
+    else:
+        states = list(model.text_encoder.encode(texts))
+    return states[0], (states[1] if len(states) > 1 else None)
+
+
 class Runner:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
 
-    def encode(self, req: GenerationRequest) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Prompt states (L, D), and negative-prompt states when the request's rows need uncond rows."""
-        encoder = self.model.text_encoder
-        if needs_uncond_row(self.model, req.guidance_scale):
-            states = encoder.encode([req.prompt, req.negative_prompt])
-            return states[0], states[1]
-        return encoder.encode([req.prompt])[0], None
-
-    def generate_latents(self, req: GenerationRequest) -> torch.Tensor:
-        """All of a request's rows, run together to the end: final latents (n, C, h, w)."""
-        rows = self.new_rows(req, *self.encode(req))
-        while not rows[0].done:
-            self.step(rows)
-        return torch.cat([r.x for r in rows])
-
-    def new_rows(self, req: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor | None) -> list[RowState]:
+    def new_rows(
+        self, req: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor | None, job: Job | None = None
+    ) -> list[RowState]:
         """Rows for every image of a request, initial noise drawn from each row's own generator."""
         sampler = self.model.samplers[req.sampler]
         plan = sampler.plan(req.steps, req.eta)
@@ -56,12 +63,31 @@ class Runner:
                     cond=cond,
                     uncond=uncond,
                     guidance_scale=req.guidance_scale,
+                    job=job,
                 )
             )
         return rows
 
-    def step(self, rows: list[RowState]) -> None:
-        """Advance every row by one step (all rows share a latent shape); rows are updated in place."""
+    def run(self, batch: StepBatch) -> StepResult:
+        started = time.perf_counter()
+        self.forward(list(batch.rows), pad_to=batch.padded_to)
+        return StepResult(seconds=time.perf_counter() - started)
+
+    def generate_latents(self, req: GenerationRequest) -> torch.Tensor:
+        """One request's rows alone, run to the end: final latents (n, C, h, w). Tests and tools use it."""
+        rows = self.new_rows(req, *prompt_states(self.model, req))
+        while not rows[0].done:
+            self.forward(rows)
+            for r in rows:
+                r.step += 1
+        return torch.cat([r.x for r in rows])
+
+    def decode(self, rows: list[RowState]) -> np.ndarray:
+        """Finished rows → uint8 images (B, H, W, 3), decoded in one VAE batch."""
+        return self.model.decoder.decode(torch.cat([r.x for r in rows]))
+
+    def forward(self, rows: list[RowState], pad_to: int = 0) -> None:
+        """Advance every row by one denoising step (rows share a latent shape); rows updated in place."""
         device = self.model.device
         n = len(rows)
         x = torch.cat([r.x for r in rows])  # (B, C, h, w)
@@ -69,17 +95,22 @@ class Runner:
         divisor = torch.stack([r.plan.input_divisor[r.step] for r in rows]).to(device).view(-1, 1, 1, 1)
         model_in = x / divisor
         guided = [i for i, r in enumerate(rows) if r.uncond is not None]
-        uncond_index = torch.full((n,), -1, dtype=torch.long, device=device)
-        uncond_index[guided] = torch.arange(n, n + len(guided), device=device)
-        contexts = [r.cond for r in rows] + [rows[i].uncond for i in guided]
+        uncond_index = torch.full((n,), -1, dtype=torch.long)
+        uncond_index[guided] = torch.arange(n, n + len(guided))
+        contexts = torch.stack([r.cond for r in rows] + [r.uncond for r in rows if r.uncond is not None])
         w = torch.tensor([r.guidance_scale for r in rows], dtype=torch.float32)
-        out = self.model.denoiser(
+        inputs = (
             torch.cat([model_in, model_in[guided]]),
             torch.cat([t, t[guided]]),
-            torch.stack(contexts),  # type: ignore[arg-type]
+            contexts,
             torch.cat([w, w[guided]]),
         )
-        prediction = apply_cfg(out, n, uncond_index, w.to(device))
+        used = n + len(guided)
+        if pad_to > used:  # fixed batch shapes: repeat row 0, drop its outputs
+            pad = [0] * (pad_to - used)
+            inputs = tuple(torch.cat([v, v[pad]]) for v in inputs)  # type: ignore[assignment]
+        out = self.model.denoiser(*inputs)[:used]
+        prediction = apply_cfg(out, n, uncond_index.to(device), w.to(device))
         by_sampler: dict[Sampler, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_sampler[r.sampler].append(i)
@@ -105,4 +136,3 @@ class Runner:
         for j, r in enumerate(rows):
             r.x = result.x_next[j : j + 1]
             r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
-            r.step += 1

@@ -1,0 +1,44 @@
+"""Awaiting a job from an HTTP handler: stop its compute if the client goes away, map its failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from app.api.errors import APIError
+from app.engine.engine import Engine
+from app.engine.request import DeadlineExceeded, GenerationResult, Job, JobCancelled
+from app.engine.scheduler import QueueFull
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def submit(engine: Engine, job_request: object) -> Job:
+    try:
+        return engine.submit(job_request)  # type: ignore[arg-type]
+    except QueueFull as full:
+        raise APIError(
+            429,
+            "queue_full",
+            "the generation queue is full; retry later",
+            headers={"Retry-After": f"{full.retry_after:.0f}"},
+        ) from full
+
+
+async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> GenerationResult:
+    """The job's result; cancels it when the client disconnects (its rows leave at the next step)."""
+    future = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if request is not None and await request.is_disconnected():
+            engine.cancel(job)
+            raise APIError(499, "client_closed_request", "the client went away; the job was cancelled")
+    try:
+        return future.result()
+    except DeadlineExceeded as exc:
+        raise APIError(504, "deadline_exceeded", str(exc)) from exc
+    except JobCancelled as exc:
+        raise APIError(409, "job_cancelled", "the job was cancelled") from exc

@@ -1,0 +1,49 @@
+"""Async jobs kept for clients to poll: bounded in count and in time after they finish."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import OrderedDict
+
+from app.engine.request import Job
+
+
+class JobStore:
+    def __init__(self, max_jobs: int = 256, ttl_seconds: float = 600.0) -> None:
+        self.max_jobs = max_jobs
+        self.ttl_seconds = ttl_seconds
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def add(self, job: Job) -> None:
+        with self._lock:
+            self._prune()
+            self._jobs[job.id] = job
+
+    def get(self, job_id: str) -> Job | None:
+        with self._lock:
+            self._prune()
+            return self._jobs.get(job_id)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._jobs)
+
+    def _prune(self) -> None:
+        """Drop finished jobs past their TTL, then the oldest finished ones while over the bound."""
+        now = time.monotonic()
+        for job_id, job in list(self._jobs.items()):
+            if job.finished_at is not None and now - job.finished_at > self.ttl_seconds:
+                del self._jobs[job_id]
+        for job_id, job in list(self._jobs.items()):
+            if len(self._jobs) < self.max_jobs:
+                break
+            if job.done:
+                del self._jobs[job_id]
+
+    def has_room(self) -> bool:
+        """Unfinished jobs are never dropped: refuse new ones when they alone fill the store."""
+        with self._lock:
+            self._prune()
+            return len(self._jobs) < self.max_jobs
