@@ -8,17 +8,17 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 import torch
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI
 
 from app import __version__
 from app.api import routes_health, routes_images, routes_jobs, routes_models
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
+from app.api.observe import ObserveRequests
 from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
 from app.engine.scheduler import SchedulerConfig
@@ -91,12 +91,5 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (routes_images, routes_jobs, routes_models, routes_health):
         app.include_router(module.router)
 
-    @app.middleware("http")
-    async def observe(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        started = time.perf_counter()
-        response = await call_next(request)
-        route = getattr(request.scope.get("route"), "path", "unmatched")
-        services.metrics.observe_request(route, request.method, response.status_code, time.perf_counter() - started)
-        return response
-
+    app.add_middleware(ObserveRequests, metrics=services.metrics)
     return app

@@ -39,7 +39,10 @@ async def cancel_job(job_id: str, services: ServicesDep) -> JSONResponse:
     job = find_job(services, job_id)
     if not job.done:
         engine.cancel(job)
-        await asyncio.wait({asyncio.wrap_future(job.future)}, timeout=10)
+        waited = asyncio.wrap_future(job.future)
+        done, _ = await asyncio.wait({waited}, timeout=10)
+        for future in done:
+            future.exception()  # the cancellation is the expected outcome, not an error to report
     return JSONResponse(await job_body(job, engine))
 
 

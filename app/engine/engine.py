@@ -120,8 +120,8 @@ class ModelEngine:
             deadline = time.monotonic() + self.config.deadline_seconds
         job = Job(request=request, deadline=deadline)
         with self._cv:
-            inbox_images = sum(j.request.n for j in self._inbox)
-            if self.scheduler.queued_images + inbox_images + request.n > self.config.scheduler.max_queued_images:
+            queued = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
+            if queued and queued + request.n > self.config.scheduler.max_queued_images:
                 raise QueueFull(self.scheduler.retry_after())
             self._inbox.append(job)
             self._active[job.id] = job
@@ -234,9 +234,9 @@ class ModelEngine:
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         job.error = outcome
         job.finished_at = time.monotonic()
+        self.observer.on_job(self._job_stats(job, outcome))  # before the future: a client reads metrics next
         if not job.future.done():
             job.future.set_exception(exc)
-        self.observer.on_job(self._job_stats(job, outcome))
 
     def _complete(self, finished: list[RowState]) -> None:
         """Decode every job whose last row just finished, in one VAE batch, and release its images."""
@@ -269,9 +269,9 @@ class ModelEngine:
             with self._cv:
                 self._active.pop(job.id, None)
             job.state, job.finished_at = "succeeded", time.monotonic()
+            self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
             if not job.future.done():
                 job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
-            self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
 
     def _job_stats(self, job: Job, outcome: str, decode_seconds: float = 0.0) -> JobStats:
         queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at

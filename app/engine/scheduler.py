@@ -72,8 +72,8 @@ class Scheduler:
         return sum(len(rows) for rows in self.running.values())
 
     def check_capacity(self, images: int) -> None:
-        """Raise QueueFull when ``images`` more would exceed the queue bound."""
-        if self.queued_images + images > self.config.max_queued_images:
+        """Raise QueueFull when ``images`` more would exceed the queue bound (an empty queue takes any request)."""
+        if self.queued_images and self.queued_images + images > self.config.max_queued_images:
             raise QueueFull(self.retry_after())
 
     def add(self, job: Job) -> None:

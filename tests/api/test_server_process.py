@@ -91,3 +91,26 @@ def test_openai_client_sees_error_codes(server: str) -> None:
         client.images.generate(prompt="a mug", model="missing-model")
     assert getattr(info.value, "status_code", None) == 404
     assert getattr(info.value, "code", None) == "model_not_found"
+
+
+def _counter(metrics: str, series: str) -> float:
+    for line in metrics.splitlines():
+        if line.startswith(series + " "):
+            return float(line.split()[-1])
+    return 0.0
+
+
+def test_client_disconnect_stops_the_compute(server: str) -> None:
+    evals = 'imagegen_unet_evaluations_total{kind="cond",model="tiny-eps"}'
+    cancelled = 'imagegen_jobs_total{model="tiny-eps",outcome="cancelled"}'
+    body = {"model": "tiny-eps", "prompt": "a mug", "size": "64x64", "n": 4, "num_inference_steps": 150}
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(f"{server}/v1/images/generations", json=body, timeout=1.0)
+    deadline = time.monotonic() + 30
+    while _counter(httpx.get(f"{server}/metrics").text, cancelled) < 1:
+        assert time.monotonic() < deadline, "the job was not cancelled after the client left"
+        time.sleep(0.1)
+    before = _counter(httpx.get(f"{server}/metrics").text, evals)
+    assert 0 < before < 4 * 150  # it had started, and it did not run to the end
+    time.sleep(0.5)
+    assert _counter(httpx.get(f"{server}/metrics").text, evals) == before  # no more compute for it
