@@ -32,7 +32,7 @@ def make_job(n: int = 1, steps: int = 3, cfg: bool = False, side: int = 8) -> Jo
             uncond=torch.zeros(2, 3) if cfg else None,
             guidance_scale=2.0,
             job=job,
-        )  # fmt: skip
+        )
         for i in range(n)
     ]
     return job
