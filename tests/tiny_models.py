@@ -69,7 +69,8 @@ LCM_SCHEDULER = {
 }
 
 
-def _tokenizer() -> PreTrainedTokenizerFast:
+def bpe_tokenizer(max_tokens: int = MAX_TOKENS) -> PreTrainedTokenizerFast:
+    """A small BPE tokenizer trained on a few captions, saved in the fast-tokenizer format."""
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()
     tok.train_from_iterator(
@@ -84,7 +85,7 @@ def _tokenizer() -> PreTrainedTokenizerFast:
         eos_token="</s>",
         pad_token="<pad>",
         unk_token="<unk>",
-        model_max_length=MAX_TOKENS,
+        model_max_length=max_tokens,
     )
 
 
@@ -99,7 +100,7 @@ def build_tiny_model(
     """Write a random-weight SD-layout model to ``folder`` and return it."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = _tokenizer()
+    tokenizer = bpe_tokenizer()
     tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(

@@ -1,0 +1,271 @@
+"""``make bench``: the engine's numbers, in one run on one machine (docs/benchmarks.md).
+
+(a) bare loop: the runner at its max batch, no HTTP;
+(b) the service under 1, 4 and 16 concurrent clients, a mix of DDIM-25 + CFG and LCM-4 requests;
+(c) diffusers' StableDiffusionPipeline on the same weights, one request at a time;
+(d) mixed arrival: LCM-4 requests arriving just behind a burst of DDIM-25 ones.
+Timings are medians/percentiles of wall time; nothing here asserts on them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DDIM = {"sampler": "ddim", "num_inference_steps": 25, "guidance_scale": 3.0}
+LCM = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
+ROWS_PER_IMAGE = {"ddim": 25 * 2, "lcm": 4}  # UNet row evaluations per image
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+# ---- (a) bare loop ---------------------------------------------------------------------------
+def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: float) -> float:
+    """UNet row evaluations per second with the runner's batch full of DDIM-25 + CFG rows."""
+    from app.engine.request import GenerationRequest, OutputSpec
+    from app.engine.runner import Runner, prompt_states
+    from app.pipeline.loading import load_model, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+    d = model.defaults
+    req = GenerationRequest(
+        model=model.name, prompt="a red mug on a white background", negative_prompt="", n=max_rows // 2,
+        width=d.width, height=d.height, steps=25, guidance_scale=3.0, seed=0, sampler="ddim", eta=0.0,
+        output=OutputSpec(),
+    )  # fmt: skip
+    runner = Runner(model)
+    rows = runner.new_rows(req, *prompt_states(model, req))
+    runner.forward(rows)  # warm-up
+    done, started = 0, time.perf_counter()
+    while time.perf_counter() - started < seconds:
+        for r in rows:
+            r.step = (r.step + 1) % r.plan.steps
+        runner.forward(rows)
+        done += 1
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+    return done * sum(r.cost for r in rows) / (time.perf_counter() - started)
+
+
+# ---- (c) diffusers ---------------------------------------------------------------------------
+def diffusers_latency(model_dir: Path, device: str, dtype: str, runs: int) -> float:
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from app.pipeline.loading import load_model, resolve_device, resolve_dtype
+
+    dev = resolve_device(device)
+    m = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+    pipe = StableDiffusionPipeline(
+        vae=m.decoder.vae, text_encoder=m.text_encoder.model, tokenizer=m.text_encoder.tokenizer,
+        unet=m.denoiser.unet, scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler"),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    d = m.defaults
+    times = []
+    for i in range(runs + 1):
+        started = time.perf_counter()
+        pipe("a red mug on a white background", height=d.height, width=d.width, num_inference_steps=25,
+             guidance_scale=3.0, generator=torch.Generator("cpu").manual_seed(i), output_type="np")  # fmt: skip
+        if i:  # the first run is warm-up
+            times.append(time.perf_counter() - started)
+    return statistics.median(times)
+
+
+# ---- (b), (d) the service -------------------------------------------------------------------
+@dataclass
+class Load:
+    latencies: dict[str, list[float]] = field(default_factory=lambda: {"ddim": [], "lcm": []})
+    images: int = 0
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+
+class Service:
+    def __init__(self, models_dir: Path, model: str, device: str, dtype: str, max_rows: int, threads: int) -> None:
+        import socket
+
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
+        self.model = model
+        env = {**os.environ, "IMAGEGEN_PORT": str(self.port), "IMAGEGEN_MODELS_DIR": str(models_dir),
+               "IMAGEGEN_DEVICE": device, "IMAGEGEN_DTYPE": dtype, "IMAGEGEN_MAX_ROWS_PER_FORWARD": str(max_rows),
+               "IMAGEGEN_MAX_QUEUED_IMAGES": "256", "IMAGEGEN_TORCH_THREADS": str(threads),
+               "IMAGEGEN_LOG_LEVEL": "warning"}  # fmt: skip
+        self.proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env)
+        self.base = f"http://127.0.0.1:{self.port}"
+        for _ in range(1200):
+            try:
+                if httpx.get(f"{self.base}/readyz").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.25)
+        raise RuntimeError("service did not start")
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(30)
+
+    def generate(self, kind: str, seed: int) -> float:
+        body = {"model": self.model, "prompt": "a red mug on a white background", "seed": seed,
+                **(DDIM if kind == "ddim" else LCM)}  # fmt: skip
+        started = time.perf_counter()
+        r = httpx.post(f"{self.base}/v1/images/generations", json=body, timeout=600)
+        r.raise_for_status()
+        return time.perf_counter() - started
+
+    def queue_wait(self) -> tuple[float, float]:
+        text = httpx.get(f"{self.base}/metrics").text
+        total = count = 0.0
+        for line in text.splitlines():
+            if line.startswith("imagegen_queue_wait_seconds_sum") and self.model in line:
+                total = float(line.split()[-1])
+            if line.startswith("imagegen_queue_wait_seconds_count") and self.model in line:
+                count = float(line.split()[-1])
+        return total, count
+
+
+def closed_loop(svc: Service, clients: int, seconds: float) -> dict[str, float]:
+    """``clients`` clients, each sending its next request when the last returns; kinds alternate."""
+    load = Load()
+    stop = time.perf_counter() + seconds
+    wait_before = svc.queue_wait()
+
+    def client(k: int) -> None:
+        i = 0
+        while time.perf_counter() < stop:
+            kind = "ddim" if (i + k) % 2 == 0 else "lcm"
+            latency = svc.generate(kind, seed=k * 1000 + i)
+            with load.lock:
+                load.latencies[kind].append(latency)
+                load.images += 1
+            i += 1
+
+    started = time.perf_counter()
+    with ThreadPoolExecutor(clients) as pool:
+        list(pool.map(client, range(clients)))
+    elapsed = time.perf_counter() - started
+    wait_after = svc.queue_wait()
+    waits = (wait_after[0] - wait_before[0]) / max(1.0, wait_after[1] - wait_before[1])
+    rows = sum(len(v) * ROWS_PER_IMAGE[k] for k, v in load.latencies.items())
+    return {
+        "images_per_s": load.images / elapsed,
+        "rows_per_s": rows / elapsed,
+        "ddim_p50": pct(load.latencies["ddim"], 0.5),
+        "ddim_p95": pct(load.latencies["ddim"], 0.95),
+        "lcm_p50": pct(load.latencies["lcm"], 0.5),
+        "lcm_p95": pct(load.latencies["lcm"], 0.95),
+        "ttfs_mean": waits,
+        "mix_ddim_share": len(load.latencies["ddim"]) / max(1, load.images),
+    }
+
+
+def mixed_arrival(svc: Service, ddim_count: int, lcm_count: int) -> list[float]:
+    """A burst of DDIM-25 requests, then LCM-4 requests 100 ms later: the LCM-4 latencies."""
+    with ThreadPoolExecutor(ddim_count + lcm_count) as pool:
+        slow = [pool.submit(svc.generate, "ddim", i) for i in range(ddim_count)]
+        time.sleep(0.1)
+        fast = [pool.submit(svc.generate, "lcm", 100 + i) for i in range(lcm_count)]
+        [f.result() for f in slow]
+        return [f.result() for f in fast]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m bench")
+    parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
+    parser.add_argument("--model", default="catalog-128")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
+    parser.add_argument("--max-rows", type=int, default=16)
+    parser.add_argument("--seconds", type=float, default=30.0)
+    parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
+    parser.add_argument("--flops-per-row", type=float, default=0.0, help="UNet FLOPs per row, for MFU")
+    parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak, for MFU")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    model_dir = args.models_dir / args.model
+
+    a_rows = bare_loop(model_dir, args.device, args.dtype, args.max_rows, min(args.seconds, 20))
+    print(f"(a) bare loop: {a_rows:.1f} UNet rows/s at {args.max_rows} rows per forward", flush=True)
+    c_latency = diffusers_latency(model_dir, args.device, args.dtype, runs=5)
+    print(f"(c) diffusers DDIM-25+CFG: {c_latency * 1000:.0f} ms/image", flush=True)
+    svc = Service(args.models_dir, args.model, args.device, args.dtype, args.max_rows, args.threads)
+    try:
+        b = {}
+        for clients in (1, 4, 16):
+            b[clients] = closed_loop(svc, clients, args.seconds)
+            print(f"(b) {clients} clients: {b[clients]}", flush=True)
+        lcm_solo = statistics.median(svc.generate("lcm", 900 + i) for i in range(5))
+        ddim_solo = statistics.median(svc.generate("ddim", 950 + i) for i in range(3))
+        d_lat = mixed_arrival(svc, ddim_count=8, lcm_count=8)
+        print(f"(d) LCM-4 behind 8 DDIM-25: {d_lat}", flush=True)
+    finally:
+        svc.close()
+
+    mix = b[16]["mix_ddim_share"]
+    a_images = a_rows / (mix * ROWS_PER_IMAGE["ddim"] + (1 - mix) * ROWS_PER_IMAGE["lcm"])
+    serial_d = [ddim_solo * 8 + lcm_solo * (i + 1) for i in range(8)]
+    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or platform.machine()
+    lines = [
+        f"### {time.strftime('%Y-%m-%d')} — {args.model} on {device} ({args.threads} threads, torch {torch.__version__})",
+        "",
+        f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s for the b(16) mix "
+        f"({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",
+        "",
+        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | mean time to first step (s) |",
+        "|---|---|---|---|---|---|",
+    ]  # fmt: skip
+    for clients, r in b.items():
+        lines.append(
+            f"| {clients} | {r['images_per_s']:.2f} | {r['rows_per_s']:.0f} | {r['ddim_p50']:.2f} / {r['ddim_p95']:.2f} | "
+            f"{r['lcm_p50']:.2f} / {r['lcm_p95']:.2f} | {r['ttfs_mean']:.3f} |"
+        )
+    lines += [
+        "",
+        f"- (c) diffusers `StableDiffusionPipeline`, DDIM-25 + CFG, one request at a time: {c_latency:.2f} s/image "
+        f"= {1 / c_latency:.2f} images/s ({50 / c_latency:.0f} UNet rows/s).",
+        f"- b(16)/a = {b[16]['rows_per_s'] / a_rows:.2f} (UNet rows/s, serving overhead included; target ≥ 0.9)",
+        f"- b(16) vs c in UNet rows/s: {b[16]['rows_per_s'] / (50 / c_latency):.2f}× (target ≥ 1)",
+        f"- b(1) DDIM-25 p50 / c = {b[1]['ddim_p50'] / c_latency:.2f} (target ≤ 1.1)",
+        f"- (d) LCM-4 arriving behind 8 DDIM-25: p95 {pct(d_lat, 0.95):.2f} s vs solo {lcm_solo:.2f} s "
+        f"= {pct(d_lat, 0.95) / lcm_solo:.1f}× (target ≤ 3×); one-at-a-time server: p95 "
+        f"{pct(serial_d, 0.95):.2f} s = {pct(serial_d, 0.95) / lcm_solo:.1f}× (solo DDIM-25 {ddim_solo:.2f} s)",
+    ]
+    if args.flops_per_row:
+        mfu = [(name, rows * args.flops_per_row / (args.peak_tflops * 1e12)) for name, rows in
+               (("a", a_rows), ("b(16)", b[16]["rows_per_s"]), ("c", 50 / c_latency))]  # fmt: skip
+        lines.append(
+            f"- model FLOP utilisation at {args.flops_per_row / 1e12:.3f} TFLOP per UNet row, "
+            f"{args.peak_tflops:.0f} TFLOP/s peak: " + ", ".join(f"{n} {v:.1%}" for n, v in mfu)
+        )
+    lines.append("")
+    report = "\n".join(lines)
+    print(report)
+    if args.out:
+        with args.out.open("a") as f:
+            f.write(report + "\n")
+
+
+if __name__ == "__main__":
+    main()
