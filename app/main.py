@@ -49,6 +49,7 @@ def load_and_start(services: Services) -> None:
             max_rows_per_forward=settings.max_rows_per_forward,
             max_queued_images=settings.max_queued_images,
             buckets=settings.buckets(),
+            policy=settings.scheduling_policy,
         ),
         deadline_seconds=settings.request_deadline_seconds,
     )

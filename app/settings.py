@@ -30,6 +30,10 @@ class Settings(BaseSettings):
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width × height.")
     max_rows_per_forward: int = Field(16, ge=2, description="UNet rows per forward pass (uncond rows count).")
     max_queued_images: int = Field(64, ge=1, description="Images accepted but not yet running; more → 429.")
+    scheduling_policy: Literal["short_first", "fifo"] = Field(
+        "short_first",
+        description="short_first: fewest remaining steps first, aged; fifo: every admitted row each step.",
+    )
     batch_buckets: str = Field("", description='Pad forwards to fixed sizes, e.g. "1,2,4,8,16" (CUDA graphs).')
     request_deadline_seconds: float | None = Field(300.0, gt=0, description="A request not done by then → 504.")
     prompt_cache_entries: int = Field(1024, ge=0, description="LRU entries of (model, prompt) → token states.")

@@ -226,7 +226,11 @@ def main() -> None:
     mix = b[16]["mix_ddim_share"]
     a_images = a_rows / (mix * ROWS_PER_IMAGE["ddim"] + (1 - mix) * ROWS_PER_IMAGE["lcm"])
     serial_d = [ddim_solo * 8 + lcm_solo * (i + 1) for i in range(8)]
-    device = torch.cuda.get_device_name() if torch.cuda.is_available() and args.device != "cpu" else platform.processor() or platform.machine()
+    device = (
+        torch.cuda.get_device_name()
+        if torch.cuda.is_available() and args.device != "cpu"
+        else platform.processor() or platform.machine()
+    )
     lines = [
         f"### {time.strftime('%Y-%m-%d')} — {args.model} on {device} ({args.threads} threads, torch {torch.__version__})",
         "",

@@ -12,7 +12,10 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+
+import numpy as np
 
 from app.engine.request import (
     DeadlineExceeded,
@@ -101,6 +104,7 @@ class ModelEngine:
         self._active: dict[str, Job] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
+        self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
 
     # ---- called from other threads -------------------------------------------------------
     def start(self) -> None:
@@ -112,6 +116,7 @@ class ModelEngine:
             self._stopping = True
             self._cv.notify()
         self._thread.join(timeout)
+        self._release_pool.shutdown(wait=True)
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound."""
@@ -255,23 +260,28 @@ class ModelEngine:
         decode_seconds = time.perf_counter() - started
         offset = 0
         for job in done:
-            req = job.request
-            try:
-                images = [
-                    release(pixels[offset + i], image_record(req, i), req.output.format, req.output.compression)
-                    for i in range(req.n)
-                ]
-            except Exception as exc:
-                self._fail(job, exc, "failed")
-                continue
-            finally:
-                offset += req.n
             with self._cv:
                 self._active.pop(job.id, None)
-            job.state, job.finished_at = "succeeded", time.monotonic()
-            self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
-            if not job.future.done():
-                job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
+            images = pixels[offset : offset + job.request.n]
+            offset += job.request.n
+            # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
+            self._release_pool.submit(self._release, job, images, decode_seconds)
+
+    def _release(self, job: Job, pixels: np.ndarray, decode_seconds: float) -> None:
+        req = job.request
+        try:
+            images = [
+                release(pixels[i], image_record(req, i), req.output.format, req.output.compression)
+                for i in range(req.n)
+            ]
+        except Exception as exc:
+            log.exception("release failed for job %s", job.id)
+            self._fail(job, exc, "failed")
+            return
+        job.state, job.finished_at = "succeeded", time.monotonic()
+        self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
+        if not job.future.done():
+            job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
 
     def _job_stats(self, job: Job, outcome: str, decode_seconds: float = 0.0) -> JobStats:
         queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at

@@ -10,6 +10,11 @@ Policy:
   starvation of a large request by small ones), rows of other shapes may still be admitted.
 - Rows of different latent shapes never share a forward; shapes take turns (least recently run first).
 - With ``buckets`` set, a forward is padded up to the next bucket size (fixed shapes for CUDA graphs).
+- Policy ``short_first`` (default) admits FIFO into an active window twice the forward budget and
+  fills each forward by fewest remaining steps, aged by the steps a row has waited (a paused row keeps
+  its state, so pausing costs nothing; the ageing bounds any wait, so nothing starves). A 4-step
+  request arriving behind a full batch of 25-step ones runs at once. Policy ``fifo`` runs every
+  admitted row at every step.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import bisect
 import math
 from collections import deque
 from dataclasses import dataclass, field
+from typing import Literal
 
 from app.engine.request import Job, RowState
 
@@ -33,6 +39,12 @@ class SchedulerConfig:
     max_rows_per_forward: int = 16
     max_queued_images: int = 64  # images accepted but not yet running
     buckets: tuple[int, ...] = ()  # e.g. (1, 2, 4, 8, 16); empty: no padding
+    policy: Literal["short_first", "fifo"] = "short_first"
+
+    @property
+    def window(self) -> int:
+        """UNet rows admitted per shape group (running, possibly paused)."""
+        return self.max_rows_per_forward * (2 if self.policy == "short_first" else 1)
 
     def __post_init__(self) -> None:
         if self.max_rows_per_forward < 2:
@@ -60,6 +72,7 @@ class Scheduler:
     running: dict[tuple[int, ...], list[RowState]] = field(default_factory=dict)
     step_seconds: float | None = None  # EMA of measured step time, for Retry-After
     _turn: dict[tuple[int, ...], int] = field(default_factory=dict)
+    _last_ran: dict[int, int] = field(default_factory=dict)  # id(row) → step count when it last ran
     _steps: int = 0
 
     # ---- queue -------------------------------------------------------------------------
@@ -84,6 +97,8 @@ class Scheduler:
         """Drop every row of ``job``, waiting or running; returns how many were dropped."""
         before = self.queued_images + self.running_rows
         self.waiting = deque(r for r in self.waiting if r.job is not job)
+        for r in job.rows:
+            self._last_ran.pop(id(r), None)
         for group in list(self.running):
             self.running[group] = [r for r in self.running[group] if r.job is not job]
             if not self.running[group]:
@@ -109,7 +124,7 @@ class Scheduler:
 
     # ---- schedule / update ---------------------------------------------------------------
     def _admit(self) -> None:
-        budget = self.config.max_rows_per_forward
+        budget = self.config.window
         used = {g: sum(r.cost for r in rows) for g, rows in self.running.items()}
         blocked: set[tuple[int, ...]] = set()
         still_waiting: deque[RowState] = deque()
@@ -118,6 +133,7 @@ class Scheduler:
             if g not in blocked and used.get(g, 0) + row.cost <= budget:
                 self.running.setdefault(g, []).append(row)
                 used[g] = used.get(g, 0) + row.cost
+                self._last_ran[id(row)] = self._steps
             else:
                 blocked.add(g)
                 still_waiting.append(row)
@@ -129,13 +145,32 @@ class Scheduler:
         if not self.running:
             return None
         group = min(self.running, key=lambda g: self._turn.get(g, -1))
-        rows = tuple(self.running[group])
+        rows = tuple(self._select(self.running[group]))
         cost = sum(r.cost for r in rows)
         padded = cost
         if self.config.buckets:
             buckets = sorted(self.config.buckets)
             padded = buckets[min(bisect.bisect_left(buckets, cost), len(buckets) - 1)]
         return StepBatch(rows=rows, cost=cost, padded_to=max(padded, cost))
+
+    def _select(self, rows: list[RowState]) -> list[RowState]:
+        """The rows of one group that fit a forward: fewest remaining steps minus steps waited first."""
+        budget = self.config.max_rows_per_forward
+        if sum(r.cost for r in rows) <= budget:
+            return rows
+
+        def urgency(item: tuple[int, RowState]) -> tuple[int, int]:
+            order, r = item
+            waited = self._steps - self._last_ran.get(id(r), self._steps)
+            return (r.plan.steps - r.step - waited, order)
+
+        chosen, used = [], 0
+        for _, r in sorted(enumerate(rows), key=urgency):
+            if used + r.cost <= budget:
+                chosen.append(r)
+                used += r.cost
+        keep = {id(r) for r in chosen}
+        return [r for r in rows if id(r) in keep]  # admission order inside the forward
 
     def update(self, batch: StepBatch, result: StepResult) -> list[RowState]:
         """Advance the rows that ran; retire and return the rows that finished."""
@@ -146,8 +181,10 @@ class Scheduler:
         finished = []
         for row in batch.rows:
             row.step += 1
+            self._last_ran[id(row)] = self._steps
             if row.done:
                 finished.append(row)
+                self._last_ran.pop(id(row), None)
         if not batch.rows:
             return finished
         group = batch.rows[0].group

@@ -28,7 +28,7 @@ def app_client(models: Path, **settings: object) -> TestClient:
 @pytest.fixture(scope="module")
 def narrow(tiny_models_dir: Path) -> Iterator[TestClient]:
     """One CFG row per forward and one queued image: easy to fill."""
-    with app_client(tiny_models_dir, max_rows_per_forward=2, max_queued_images=1) as c:
+    with app_client(tiny_models_dir, max_rows_per_forward=2, max_queued_images=1, scheduling_policy="fifo") as c:
         wait_ready(c)
         yield c
 

@@ -63,7 +63,7 @@ def test_rows_of_different_requests_share_a_step_and_leave_when_done() -> None:
 
 
 def test_budget_counts_uncond_rows_and_admission_is_fifo() -> None:
-    s = Scheduler(SchedulerConfig(max_rows_per_forward=4))
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=4, policy="fifo"))
     first = make_job(n=1, steps=2, cfg=True)  # cost 2
     big = make_job(n=2, steps=2, cfg=True)  # cost 4: only one of its rows fits next to `first`
     small = make_job(n=1, steps=2)  # cost 1: would fit, but must not overtake `big`
@@ -76,7 +76,7 @@ def test_budget_counts_uncond_rows_and_admission_is_fifo() -> None:
 
 
 def test_a_head_row_that_does_not_fit_is_not_starved() -> None:
-    s = Scheduler(SchedulerConfig(max_rows_per_forward=2))
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=2, policy="fifo"))
     running = make_job(n=1, steps=1)
     blocked = make_job(n=1, steps=1, cfg=True)
     s.add(running)
@@ -110,7 +110,7 @@ def test_buckets_pad_the_forward() -> None:
 
 
 def test_queue_bound_and_retry_after_from_measured_step_time() -> None:
-    s = Scheduler(SchedulerConfig(max_rows_per_forward=2, max_queued_images=3))
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=2, max_queued_images=3, policy="fifo"))
     s.add(make_job(n=2, steps=10))
     s.add(make_job(n=1, steps=10))
     with pytest.raises(QueueFull) as full:
@@ -144,3 +144,37 @@ def test_config_rejects_a_budget_too_small_for_cfg() -> None:
         SchedulerConfig(max_rows_per_forward=1)
     with pytest.raises(ValueError):
         SchedulerConfig(max_rows_per_forward=16, buckets=(1, 8))
+
+
+def test_short_rows_overtake_a_full_batch_of_long_ones() -> None:
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=4))  # short_first: window of 8 rows
+    long = make_job(n=2, steps=25, cfg=True)  # fills a forward on its own
+    s.add(long)
+    run_step(s)
+    short = make_job(n=1, steps=4)
+    s.add(short)
+    finished_at = None
+    for step in range(1, 30):
+        jobs, finished = run_step(s)
+        if short in jobs and any(r.job is short for r in finished):
+            finished_at = step
+            break
+    assert finished_at == 4  # four forwards, one per step of its own: it never waited
+    assert sum(r.step for r in long.rows) < 2 * 5  # a long row was paused for it, not the short row delayed
+    assert all(r.step >= 1 for r in long.rows)
+
+
+def test_ageing_bounds_the_wait_of_a_long_row_under_a_stream_of_short_ones() -> None:
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=2))
+    long = make_job(n=1, steps=10, cfg=True)
+    s.add(long)
+    longest_pause = pause = 0
+    for _ in range(60):
+        s.add(make_job(n=1, steps=2, cfg=True))  # a new short request every step
+        jobs, _ = run_step(s)
+        pause = 0 if long in jobs else pause + 1
+        longest_pause = max(longest_pause, pause)
+        if long.rows[0].done:
+            break
+    assert long.rows[0].done
+    assert longest_pause <= 10
