@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv serve test lint format bench clean
+.PHONY: venv serve test lint format bench recipe clean
 
 venv: $(STAMP)
 
@@ -24,13 +24,19 @@ test: $(STAMP)
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check app tests models
-	$(PY) -m ruff format --check app tests models
+	$(PY) -m ruff check app tests models bench
+	$(PY) -m ruff format --check app tests models bench
 	$(PY) -m mypy
 
 format: $(STAMP)
-	$(PY) -m ruff format app tests models
-	$(PY) -m ruff check --fix app tests models
+	$(PY) -m ruff format app tests models bench
+	$(PY) -m ruff check --fix app tests models bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache
+
+bench: $(STAMP)
+	$(PY) -m bench --out docs/benchmarks.md
+
+recipe: $(STAMP)
+	$(PY) -m models.recipes all

@@ -231,19 +231,21 @@ def main() -> None:
         if torch.cuda.is_available() and args.device != "cpu"
         else platform.processor() or platform.machine()
     )
+    title = f"{time.strftime('%Y-%m-%d')} — {args.model} on {device}"
     lines = [
-        f"### {time.strftime('%Y-%m-%d')} — {args.model} on {device} ({args.threads} threads, torch {torch.__version__})",
+        f"### {title} ({args.threads} threads, torch {torch.__version__})",
         "",
-        f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s for the b(16) mix "
-        f"({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",
+        f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s "
+        f"for the b(16) mix ({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",
         "",
-        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | mean time to first step (s) |",
+        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | mean time to 1st step (s) |",
         "|---|---|---|---|---|---|",
-    ]  # fmt: skip
+    ]
     for clients, r in b.items():
         lines.append(
-            f"| {clients} | {r['images_per_s']:.2f} | {r['rows_per_s']:.0f} | {r['ddim_p50']:.2f} / {r['ddim_p95']:.2f} | "
-            f"{r['lcm_p50']:.2f} / {r['lcm_p95']:.2f} | {r['ttfs_mean']:.3f} |"
+            f"| {clients} | {r['images_per_s']:.2f} | {r['rows_per_s']:.0f} "
+            f"| {r['ddim_p50']:.2f} / {r['ddim_p95']:.2f} | {r['lcm_p50']:.2f} / {r['lcm_p95']:.2f} "
+            f"| {r['ttfs_mean']:.3f} |"
         )
     lines += [
         "",

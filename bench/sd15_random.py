@@ -29,7 +29,8 @@ def build(out: Path, small: bool) -> Path:
         CLIPTextConfig(
             vocab_size=tokenizer.vocab_size, hidden_size=hidden, intermediate_size=4 * hidden,
             num_hidden_layers=2 if small else 12, num_attention_heads=4 if small else 12, max_position_embeddings=77,
-            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
     )  # fmt: skip
     text.to(torch.float16).save_pretrained(out / "text_encoder", safe_serialization=True)
