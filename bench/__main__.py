@@ -238,7 +238,7 @@ def main() -> None:
         f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s "
         f"for the b(16) mix ({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",
         "",
-        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | mean time to 1st step (s) |",
+        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | time to 1st step (s) |",
         "|---|---|---|---|---|---|",
     ]
     for clients, r in b.items():
