@@ -50,12 +50,12 @@ def run_stage(stage: str, quick: bool) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m models.recipes")
-    parser.add_argument("stage", choices=[*STAGES, "all"])
+    parser.add_argument("stages", nargs="+", choices=[*STAGES, "all"])
     parser.add_argument("--threads", type=int, default=int(os.environ.get("IMAGEGEN_RECIPE_THREADS", "2")))
     parser.add_argument("--quick", action="store_true", help="eval: a tenth of the prompts, four configs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    for stage in STAGES if args.stage == "all" else [args.stage]:
+    for stage in STAGES if "all" in args.stages else args.stages:
         log(f"== stage {stage}")
         run_stage(stage, args.quick)
 

