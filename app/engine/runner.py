@@ -20,6 +20,13 @@ from app.samplers import Sampler
 from app.samplers.guidance import apply_cfg
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host → device without stalling the loop: pinned, asynchronous copies on CUDA."""
+    if device.type != "cuda":
+        return t
+    return t.pin_memory().to(device, non_blocking=True)
+
+
 def needs_uncond_row(model: LoadedModel, guidance_scale: float) -> bool:
     """CFG with an uncond row only where it changes the result: w > 1 on a UNet without a w-embedding."""
     return guidance_scale > 1.0 and not model.distilled
@@ -91,35 +98,41 @@ class Runner:
         device = self.model.device
         n = len(rows)
         x = torch.cat([r.x for r in rows])  # (B, C, h, w)
-        t = torch.stack([r.plan.timesteps[r.step] for r in rows])  # (B,)
-        divisor = torch.stack([r.plan.input_divisor[r.step] for r in rows]).to(device).view(-1, 1, 1, 1)
+        t = to_device(torch.stack([r.plan.timesteps[r.step] for r in rows]), device)  # (B,)
+        divisor = to_device(torch.stack([r.plan.input_divisor[r.step] for r in rows]), device).view(-1, 1, 1, 1)
         model_in = x / divisor
-        guided = [i for i, r in enumerate(rows) if r.uncond is not None]
+        guided_rows = [i for i, r in enumerate(rows) if r.uncond is not None]
         uncond_index = torch.full((n,), -1, dtype=torch.long)
-        uncond_index[guided] = torch.arange(n, n + len(guided))
+        uncond_index[guided_rows] = torch.arange(n, n + len(guided_rows))
+        uncond_index = to_device(uncond_index, device)
+        guided = to_device(torch.tensor(guided_rows, dtype=torch.long), device)  # index tensors live on the device
         contexts = torch.stack([r.cond for r in rows] + [r.uncond for r in rows if r.uncond is not None])
-        w = torch.tensor([r.guidance_scale for r in rows], dtype=torch.float32)
+        w = to_device(torch.tensor([r.guidance_scale for r in rows], dtype=torch.float32), device)
         inputs = (
             torch.cat([model_in, model_in[guided]]),
             torch.cat([t, t[guided]]),
             contexts,
             torch.cat([w, w[guided]]),
         )
-        used = n + len(guided)
+        used = n + len(guided_rows)
         if pad_to > used:  # fixed batch shapes: repeat row 0, drop its outputs
-            pad = [0] * (pad_to - used)
+            pad = to_device(torch.zeros(pad_to - used, dtype=torch.long), device)
             inputs = tuple(torch.cat([v, v[pad]]) for v in inputs)  # type: ignore[assignment]
         out = self.model.denoiser(*inputs)[:used]
-        prediction = apply_cfg(out, n, uncond_index.to(device), w.to(device))
+        prediction = apply_cfg(out, n, uncond_index, w)
         by_sampler: dict[Sampler, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_sampler[r.sampler].append(i)
         for sampler, idx in by_sampler.items():
-            self._sampler_step(sampler, [rows[i] for i in idx], x[idx], prediction[idx])
+            if len(by_sampler) == 1:  # the common case: no gather at all
+                self._sampler_step(sampler, rows, x, prediction)
+                continue
+            at = to_device(torch.tensor(idx, dtype=torch.long), device)
+            self._sampler_step(sampler, [rows[i] for i in idx], x[at], prediction[at])
 
     def _sampler_step(self, sampler: Sampler, rows: list[RowState], x: torch.Tensor, out: torch.Tensor) -> None:
         device = self.model.device
-        c = torch.stack([r.plan.coeffs[r.step] for r in rows]).to(device)  # (B, K)
+        c = to_device(torch.stack([r.plan.coeffs[r.step] for r in rows]), device)  # (B, K)
         previous = None
         if sampler.uses_history:
             previous = torch.cat([r.previous if r.previous is not None else torch.zeros_like(r.x) for r in rows])
@@ -131,7 +144,7 @@ class Runner:
                 else torch.zeros(r.x.shape)
                 for r in rows
             ]
-            noise = torch.cat(draws).to(device)
+            noise = to_device(torch.cat(draws), device)
         result = sampler.step(x, out, c, previous, noise)
         for j, r in enumerate(rows):
             r.x = result.x_next[j : j + 1]

@@ -108,11 +108,18 @@ def _read_json(path: Path) -> dict[str, Any]:
 
 
 def resolve_component(folder: Path) -> tuple[Path, dict[str, Any]]:
-    """The folder holding a component's files: itself, or the installed package its reference names."""
+    """The folder holding a component's files: itself, or what its reference file points at —
+    an installed Python package ({"python_package": ..., "path": ...}) or another folder given
+    relative to this one ({"path": "../../other-model/vae"}), so that models can share a component."""
     ref = folder / REFERENCE_FILE
     if not ref.is_file():
         return folder, {}
     spec = _read_json(ref)
+    if "python_package" not in spec:
+        target = (folder / str(spec["path"])).resolve()
+        if not target.is_dir():
+            raise FileNotFoundError(f"{folder.name}/{REFERENCE_FILE} points at {target}, which does not exist")
+        return target, spec
     package = str(spec["python_package"])
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
@@ -166,7 +173,7 @@ def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Loaded
     schedule = NoiseSchedule.from_config(scheduler_cfg)
     text_encoder = load_text_encoder(folder, device, dtype)
     unet = UNet2DConditionModel.from_pretrained(folder / "unet", local_files_only=True, torch_dtype=dtype)
-    vae = AutoencoderKL.from_pretrained(folder / "vae", local_files_only=True, torch_dtype=dtype)
+    vae = AutoencoderKL.from_pretrained(resolve_component(folder / "vae")[0], local_files_only=True, torch_dtype=dtype)
     denoiser = Denoiser(unet.to(device).eval().requires_grad_(False))
     decoder = Decoder(vae.to(device).eval().requires_grad_(False))
     defaults = default_settings(folder, denoiser, decoder, scheduler_cfg)

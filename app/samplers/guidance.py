@@ -16,7 +16,7 @@ def guidance_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     w = (w - 1.0) * 1000.0
     half = dim // 2
     scale = math.log(10000.0) / (half - 1)
-    freqs = torch.exp(torch.arange(half, dtype=torch.float32) * -scale)
+    freqs = torch.exp(torch.arange(half, dtype=torch.float32, device=w.device) * -scale)
     emb = w.to(torch.float32)[:, None] * freqs[None, :]
     emb = torch.cat([torch.sin(emb), torch.cos(emb)], dim=1)
     if dim % 2 == 1:

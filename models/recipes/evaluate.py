@@ -181,4 +181,23 @@ def run(train_count: int, quick: bool = False) -> dict[str, Any]:
             contact_sheet(base, MODELS / TEACHER / "contact_sheet.png")
     result = {"prompts": len(prompts), "rows": rows}
     write_json(RUNS / "eval" / ("quick.json" if quick else "results.json"), result)
+    if not quick:
+        (MODELS / TEACHER / "EVAL.md").write_text(table(result))
     return result
+
+
+def table(result: dict[str, Any]) -> str:
+    """The model card's evaluation table, from the results of ``run``."""
+    subsets = ("held_out_combination", "held_out_paraphrase", "paraphrase")
+    head = (
+        "| model | sampler, steps @ guidance | UNet rows/image | object % | colour % | background % "
+        "| FD ↓ | held-out combos o/c/b % | held-out + paraphrase o/c/b % | paraphrase o/c/b % |"
+    )
+    lines = [head, "|" + "---|" * 10]
+    for r in result["rows"]:
+        per = [" / ".join(f"{r[f'{k}:{sub}']:.0f}" for k in HEADS) for sub in subsets]
+        lines.append(
+            f"| {r['model']} | {r['config']} | {r['unet_rows_per_image']} | {r['obj']:.1f} | {r['colour']:.1f} "
+            f"| {r['background']:.1f} | {r['fd']:.1f} | {per[0]} | {per[1]} | {per[2]} |"
+        )
+    return "\n".join(lines) + f"\n\n{result['prompts']} prompts, one image each (seed 1000 + prompt index).\n"

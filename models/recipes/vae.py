@@ -24,7 +24,7 @@ VAE_CONFIG = dict(
     sample_size=128, mid_block_add_attention=False, scaling_factor=1.0,
 )  # fmt: skip
 STEPS, BATCH, CROP, LR, KL_WEIGHT, EDGE_WEIGHT = 1800, 16, 64, 1e-3, 1e-6, 0.5
-FULL_STEPS, FULL_BATCH, FULL_LR, COLOUR_WEIGHT = 900, 8, 3e-4, 1.0
+FULL_STEPS, FULL_BATCH, FULL_LR, COLOUR_WEIGHT = 400, 8, 3e-4, 1.0
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -102,7 +102,7 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
     images = train["images"]
     progress = Progress("vae-full", FULL_STEPS, start)
     for step in range(start, FULL_STEPS):
-        warm = min(1.0, (step + 1) / 100)  # fresh Adam moments: ease in, do not undo phase 1
+        warm = min(1.0, (step + 1) / 50)  # fresh Adam moments: ease in, do not undo phase 1
         lr = FULL_LR * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / FULL_STEPS)))
         for group in opt.param_groups:
             group["lr"] = lr

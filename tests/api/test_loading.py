@@ -46,3 +46,21 @@ def test_released_image_is_made_only_by_the_gate() -> None:
     decision = ReleaseDecision(outcome="synthetic_labeled_preview", labels=())
     with pytest.raises(TypeError, match="release"):
         ReleasedImage(data=b"", format="png", record=record, decision=decision, sha256="")
+
+
+def test_a_component_can_be_shared_by_reference(tmp_path: Path, tiny_models_dir: Path) -> None:
+    import json
+
+    shutil.copytree(tiny_models_dir / "tiny-eps", tmp_path / "base")
+    shutil.copytree(tiny_models_dir / "tiny-lcm", tmp_path / "student")
+    shutil.rmtree(tmp_path / "student" / "vae")
+    (tmp_path / "student" / "vae").mkdir()
+    (tmp_path / "student" / "vae" / "imagegen_ref.json").write_text(json.dumps({"path": "../../base/vae"}))
+    shutil.copytree(tmp_path / "student", tmp_path / "dangling")
+    (tmp_path / "dangling" / "vae" / "imagegen_ref.json").write_text(json.dumps({"path": "../../gone/vae"}))
+    with TestClient(create_app(Settings(models_dir=tmp_path))) as client:
+        ready = wait_ready(client)
+        assert ready["models"] == {"base": "ready", "student": "ready"}
+        assert "gone" in ready["failed_models"]["dangling"]
+        r = client.post("/v1/images/generations", json={"model": "student", "prompt": "a mug"})
+        assert r.status_code == 200
