@@ -25,6 +25,7 @@ VAE_CONFIG = dict(
 )  # fmt: skip
 STEPS, BATCH, CROP, LR, KL_WEIGHT, EDGE_WEIGHT = 1800, 16, 64, 1e-3, 1e-6, 0.5
 FULL_STEPS, FULL_BATCH, FULL_LR, COLOUR_WEIGHT = 400, 8, 3e-4, 1.0
+DEC_STEPS, DEC_BATCH, DEC_LR, SATURATION_WEIGHT = 600, 16, 1e-3, 4.0
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -131,8 +132,63 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
 LATENTS, STATS = RUNS / "vae-full" / "latents.pt", RUNS / "vae-full" / "stats.json"
 
 
+def finetune_decoder(train: dict[str, np.ndarray]) -> None:
+    """Phase 3: the decoder alone, encoder frozen (so the latents and the UNet trained on them stay valid).
+
+    Neutral backdrops dominate the pixels, so the decoder had learned green ≈ f(red, blue) and drew
+    saturated objects desaturated (green → slate, pink → beige). Pixels are weighted by saturation.
+    """
+    dev = device()
+    ckpt = Checkpoint("vae-dec")
+    if ckpt.done_marker().exists():
+        return
+    vae = AutoencoderKL.from_pretrained(RUNS / "vae-full" / "final").to(dev)
+    for part in (vae.encoder, vae.quant_conv):
+        part.requires_grad_(False)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=DEC_LR, weight_decay=0.0)
+    start = 0
+    if (state := ckpt.load()) is not None:
+        vae.load_state_dict(state["model"])
+        opt.load_state_dict(state["opt"])
+        start = state["step"]
+    gen = np.random.default_rng(777 + start)
+    images = train["images"]
+    progress = Progress("vae-dec", DEC_STEPS, start)
+    for step in range(start, DEC_STEPS):
+        lr = DEC_LR * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / DEC_STEPS)))
+        for group in opt.param_groups:
+            group["lr"] = lr
+        # 64×64 crops around the centre, where the object is; the decoder is fully convolutional
+        oy, ox = (gen.integers(2, 7, 2) * 8).tolist()
+        x = to_tensor(images[gen.integers(0, len(images), DEC_BATCH), oy : oy + CROP, ox : ox + CROP]).to(dev)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.sample()
+        y = vae.decode(z).sample
+        saturation = x.max(1, keepdim=True).values - x.min(1, keepdim=True).values  # (B, 1, H, W), 0..2
+        rec = ((y - x).abs() * (1 + SATURATION_WEIGHT * saturation)).mean()
+        edge = (sobel(y) - sobel(x)).abs().mean()
+        colour = (F.avg_pool2d(y, 8) - F.avg_pool2d(x, 8)).abs().mean()
+        loss = rec + EDGE_WEIGHT * edge + COLOUR_WEIGHT * colour
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if (step + 1) % 50 == 0:
+            progress.report(step + 1, weighted_l1=rec.item(), colour=colour.item(), lr=lr)
+        if (step + 1) % 200 == 0 or step + 1 == DEC_STEPS:
+            ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
+    vae.save_pretrained(ckpt.dir / "final")
+    ckpt.done_marker().touch()
+    log(
+        f"decoder fine-tuned: val MAE {reconstruction_error(vae.eval(), load_split('val', 0, 512)['images'][:256]):.2f}/255"
+    )
+
+
 def trained_vae_dir() -> Path:
-    return RUNS / "vae-full" / "final"
+    """The VAE to ship: the decoder-tuned one once phase 3 has run."""
+    tuned = RUNS / "vae-dec" / "final"
+    return tuned if tuned.exists() else RUNS / "vae-full" / "final"
 
 
 @torch.inference_mode()
