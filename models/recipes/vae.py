@@ -180,9 +180,8 @@ def finetune_decoder(train: dict[str, np.ndarray]) -> None:
             ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
     vae.save_pretrained(ckpt.dir / "final")
     ckpt.done_marker().touch()
-    log(
-        f"decoder fine-tuned: val MAE {reconstruction_error(vae.eval(), load_split('val', 0, 512)['images'][:256]):.2f}/255"
-    )
+    mae = reconstruction_error(vae.eval(), load_split("val", 0, 512)["images"][:256])
+    log(f"decoder fine-tuned: val MAE {mae:.2f}/255")
 
 
 def trained_vae_dir() -> Path:
