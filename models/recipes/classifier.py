@@ -15,7 +15,7 @@ from models.recipes import data
 from models.recipes.common import RUNS, Checkpoint, Progress, device, load_split, log, seed_everything, write_json
 
 HEADS = {"obj": data.OBJECT_NAMES, "colour": data.COLOUR_NAMES, "background": data.BACKGROUND_NAMES}
-STEPS, BATCH, LR = 1500, 128, 2e-3
+STEPS, BATCH, LR = 1000, 128, 2e-3
 
 
 class AttributeNet(nn.Module):

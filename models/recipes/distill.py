@@ -18,7 +18,7 @@ from models.recipes.common import RUNS, Checkpoint, Progress, device, log, seed_
 from models.recipes.unet import UNET_CONFIG, conditioning, ema_update, noise_scheduler
 
 GUIDANCE_DIM = 256
-STEPS, BATCH, LR, TARGET_EMA, SKIP, G_MIN, G_MAX, HUBER_C = 500, 32, 2e-4, 0.95, 20, 1.0, 8.0, 0.001
+STEPS, BATCH, LR, TARGET_EMA, SKIP, G_MIN, G_MAX, HUBER_C = 350, 32, 2e-4, 0.95, 20, 1.0, 8.0, 0.001
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0
 
 
