@@ -18,26 +18,26 @@ class JobStore:
 
     def add(self, job: Job) -> None:
         with self._lock:
-            self._prune()
+            self._prune(self.max_jobs - 1)  # room for this one
             self._jobs[job.id] = job
 
     def get(self, job_id: str) -> Job | None:
         with self._lock:
-            self._prune()
+            self._prune(self.max_jobs)
             return self._jobs.get(job_id)
 
     def __len__(self) -> int:
         with self._lock:
             return len(self._jobs)
 
-    def _prune(self) -> None:
-        """Drop finished jobs past their TTL, then the oldest finished ones while over the bound."""
+    def _prune(self, limit: int) -> None:
+        """Drop finished jobs past their TTL, then the oldest finished ones while more than ``limit``."""
         now = time.monotonic()
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.ttl_seconds:
                 del self._jobs[job_id]
         for job_id, job in list(self._jobs.items()):
-            if len(self._jobs) < self.max_jobs:
+            if len(self._jobs) <= limit:
                 break
             if job.done:
                 del self._jobs[job_id]
@@ -45,5 +45,5 @@ class JobStore:
     def has_room(self) -> bool:
         """Unfinished jobs are never dropped: refuse new ones when they alone fill the store."""
         with self._lock:
-            self._prune()
+            self._prune(self.max_jobs - 1)
             return len(self._jobs) < self.max_jobs

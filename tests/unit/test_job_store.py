@@ -1,0 +1,38 @@
+"""Finished async jobs are kept for a bounded time and count; unfinished ones are never dropped."""
+
+from __future__ import annotations
+
+import time
+
+from app.engine.jobs import JobStore
+from app.engine.request import GenerationRequest, Job, OutputSpec
+
+REQ = GenerationRequest("m", "p", "", 1, 8, 8, 1, 1.0, 0, "ddim", 0.0, OutputSpec())
+
+
+def finished(ago: float = 0.0) -> Job:
+    job = Job(request=REQ)
+    job.state, job.finished_at = "succeeded", time.monotonic() - ago
+    return job
+
+
+def test_finished_jobs_expire_after_the_ttl() -> None:
+    store = JobStore(max_jobs=10, ttl_seconds=60)
+    old, fresh, running = finished(ago=61), finished(ago=1), Job(request=REQ)
+    for job in (old, fresh, running):
+        store.add(job)
+    assert store.get(old.id) is None
+    assert store.get(fresh.id) is fresh and store.get(running.id) is running
+
+
+def test_the_oldest_finished_jobs_make_room_and_unfinished_ones_stay() -> None:
+    store = JobStore(max_jobs=2, ttl_seconds=600)
+    running = Job(request=REQ)
+    store.add(running)
+    first = finished()
+    store.add(first)
+    second = finished()
+    store.add(second)  # over the bound: the oldest finished job goes, the running one stays
+    assert store.get(running.id) is running and store.get(first.id) is None and store.get(second.id) is second
+    store.add(Job(request=REQ))  # now two unfinished jobs fill the store
+    assert not store.has_room()
