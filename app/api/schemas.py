@@ -67,17 +67,7 @@ class ImageOut(BaseModel):
         return cls(
             b64_json=b64,
             revised_prompt=r.prompt,
-            generation=GenerationRecordOut(
-                model=r.model,
-                sampler=r.sampler,
-                steps=r.steps,
-                guidance_scale=r.guidance_scale,
-                seed=r.seed,
-                eta=r.eta,
-                width=r.width,
-                height=r.height,
-                negative_prompt=r.negative_prompt,
-            ),
+            generation=GenerationRecordOut(**{k: v for k, v in r.as_dict().items() if k != "prompt"}),
             release=ReleaseOut(
                 outcome=image.decision.outcome,
                 labels=list(image.decision.labels),
