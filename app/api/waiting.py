@@ -8,15 +8,15 @@ from fastapi import Request
 
 from app.api.errors import APIError
 from app.engine.engine import Engine
-from app.engine.request import DeadlineExceeded, GenerationResult, Job, JobCancelled
+from app.engine.request import DeadlineExceeded, GenerationRequest, GenerationResult, Job, JobCancelled
 from app.engine.scheduler import QueueFull
 
 DISCONNECT_POLL_SECONDS = 0.25
 
 
-def submit(engine: Engine, job_request: object) -> Job:
+def submit(engine: Engine, request: GenerationRequest) -> Job:
     try:
-        return engine.submit(job_request)  # type: ignore[arg-type]
+        return engine.submit(request)
     except QueueFull as full:
         raise APIError(
             429,
