@@ -1,0 +1,56 @@
+"""The release gate's policy on its own: declared use + prompt screening → release, review or block."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from app.gate.policy import Policy, Use
+
+POLICY = Policy.load()
+
+
+def test_a_campaign_background_is_released_with_labels() -> None:
+    d = POLICY.decide(Use("campaign_background"), "a red mug on a white background")
+    assert d.outcome == "synthetic_labeled_preview"
+
+
+@pytest.mark.parametrize(
+    ("use", "prompt", "reason"),
+    [
+        (Use("campaign_background", claims_real_sku=True), "a red mug", "claims a real SKU"),
+        (Use("lifestyle_scene", contains_logo=True), "a mug on a desk", "declares a logo"),
+        (Use("product_detail_view"), "close-up of the mug handle", "asset_type product_detail_view"),
+        (Use("campaign_background"), "a mug with the Nike logo", "'Nike'"),
+        (Use("campaign_background"), "mug, SKU 88-1234-X, studio light", "SKU-like identifier"),
+        (Use("campaign_background"), "bottle labelled UPC 012345678905", "SKU-like identifier"),
+        (Use("unknown_use"), "a mug", "asset_type unknown_use"),
+    ],
+)
+def test_held_for_review(use: Use, prompt: str, reason: str) -> None:
+    d = POLICY.decide(use, prompt)
+    assert d.outcome == "human_review"
+    assert any(reason in r for r in d.reasons), d.reasons
+
+
+@pytest.mark.parametrize(
+    ("use", "prompt"),
+    [
+        (Use("package_damage_evidence"), "a crushed cardboard box"),
+        (Use("campaign_background", contains_logo=True), "a counterfeit handbag with a logo"),
+    ],
+)
+def test_blocked(use: Use, prompt: str) -> None:
+    assert POLICY.decide(use, prompt).outcome == "blocked"
+
+
+def test_words_inside_other_words_do_not_trigger() -> None:
+    assert POLICY.decide(Use(), "a pineapple-yellow mug on a wooden table").outcome == "synthetic_labeled_preview"
+
+
+def test_a_policy_file_with_an_unknown_rule_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "p.toml"
+    path.write_text('[asset_types]\ncampaign_background = "maybe"\n')
+    with pytest.raises(ValueError, match="release, review or block"):
+        Policy.load(path)
