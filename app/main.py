@@ -11,6 +11,7 @@ import threading
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
+import httpx
 import torch
 from fastapi import FastAPI
 
@@ -22,6 +23,7 @@ from app.api.observe import ObserveRequests
 from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
 from app.engine.scheduler import SchedulerConfig
+from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from app.metrics import Metrics
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
 from app.pipeline.prompts import PromptCache
@@ -30,9 +32,28 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
+def make_signer(settings: Settings) -> tuple[ManifestSigner, list[str]]:
+    """The C2PA signer from settings, or a development chain generated in the state folder."""
+    notes = []
+    if settings.c2pa_cert_chain and settings.c2pa_private_key:
+        identity = SigningIdentity.from_files(settings.c2pa_cert_chain, settings.c2pa_private_key)
+    else:
+        identity = SigningIdentity.development_chain(settings.state_dir / "c2pa")
+        notes.append("C2PA signer is a generated development chain: signatures are valid but untrusted")
+    if settings.c2pa_tsa_url:
+        try:
+            httpx.head(settings.c2pa_tsa_url, timeout=3.0)
+        except httpx.HTTPError as exc:
+            notes.append(f"C2PA time-stamp authority {settings.c2pa_tsa_url} is unreachable: {exc}")
+    for note in notes:
+        log.warning(note)
+    return ManifestSigner(identity, settings.c2pa_tsa_url), notes
+
+
 def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
+        services.signer, services.signer_notes = make_signer(settings)
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         models, failures = load_all(settings.models_dir, device, dtype)
@@ -54,7 +75,7 @@ def load_and_start(services: Services) -> None:
         deadline_seconds=settings.request_deadline_seconds,
     )
     observer = EngineObserver(on_step=services.metrics.observe_step, on_job=services.metrics.observe_job)
-    engine = Engine(models, config, services.cache, observer)
+    engine = Engine(models, config, services.cache, observer, services.signer)
     engine.start()
     services.engine = engine
 

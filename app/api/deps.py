@@ -9,6 +9,7 @@ from fastapi import Depends, Request
 
 from app.engine.engine import Engine
 from app.engine.jobs import JobStore
+from app.gate.c2pa_manifest import ManifestSigner
 from app.metrics import Metrics
 from app.pipeline.loading import LoadedModel, LoadFailure
 from app.pipeline.prompts import PromptCache
@@ -24,6 +25,8 @@ class Services:
     cache: PromptCache
     jobs: JobStore
     engine: Engine | None = None
+    signer: ManifestSigner | None = None
+    signer_notes: list[str] = field(default_factory=list)
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)
 

@@ -28,6 +28,13 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         "ready": ready,
         "models": models,
         "failed_models": {f.name: f.error for f in services.failures},
+        "signer": None
+        if services.signer is None
+        else {
+            "subject": services.signer.identity.subject,
+            "trusted": not services.signer.identity.development,
+            "notes": services.signer_notes,
+        },
     }
     return JSONResponse(body, status_code=200 if ready else 503)
 

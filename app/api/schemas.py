@@ -53,6 +53,7 @@ class ReleaseOut(BaseModel):
     labels: list[str]
     reasons: list[str]
     sha256: str
+    watermark_payload: str | None
 
 
 class ImageOut(BaseModel):
@@ -73,6 +74,7 @@ class ImageOut(BaseModel):
                 labels=list(image.decision.labels),
                 reasons=list(image.decision.reasons),
                 sha256=image.sha256,
+                watermark_payload=image.decision.watermark,
             ),
         )
 

@@ -29,6 +29,7 @@ from app.engine.request import (
 from app.engine.runner import Runner, prompt_states
 from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
 from app.gate import GenerationRecord, release
+from app.gate.c2pa_manifest import ManifestSigner
 from app.pipeline.loading import LoadedModel
 from app.pipeline.prompts import PromptCache
 
@@ -90,9 +91,15 @@ def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
 
 class ModelEngine:
     def __init__(
-        self, model: LoadedModel, config: EngineConfig, cache: PromptCache, observer: EngineObserver | None = None
+        self,
+        model: LoadedModel,
+        config: EngineConfig,
+        cache: PromptCache,
+        observer: EngineObserver | None = None,
+        signer: ManifestSigner | None = None,
     ) -> None:
         self.model = model
+        self.signer = signer
         self.config = config
         self.cache = cache
         self.observer = observer or EngineObserver()
@@ -271,7 +278,7 @@ class ModelEngine:
         req = job.request
         try:
             images = [
-                release(pixels[i], image_record(req, i), req.output.format, req.output.compression)
+                release(pixels[i], image_record(req, i), req.output.format, req.output.compression, self.signer)
                 for i in range(req.n)
             ]
         except Exception as exc:
@@ -298,8 +305,9 @@ class Engine:
         config: EngineConfig,
         cache: PromptCache,
         observer: EngineObserver | None = None,
+        signer: ManifestSigner | None = None,
     ) -> None:
-        self.workers = {m.name: ModelEngine(m, config, cache, observer) for m in models}
+        self.workers = {m.name: ModelEngine(m, config, cache, observer, signer) for m in models}
 
     def start(self) -> None:
         for w in self.workers.values():

@@ -116,3 +116,18 @@ def test_probes_and_metrics(client: TestClient) -> None:
     text = client.get("/metrics").text
     assert 'imagegen_http_requests_total{method="POST",route="/v1/images/generations",status="200"}' in text
     assert "imagegen_http_request_duration_seconds_bucket" in text
+
+
+@pytest.mark.parametrize(("fmt", "media_type"), [("png", "image/png"), ("jpeg", "image/jpeg")])
+def test_every_image_carries_a_valid_c2pa_manifest(client: TestClient, fmt: str, media_type: str) -> None:
+    from app.gate.c2pa_manifest import read_manifest
+    from app.gate.labels import DIGITAL_SOURCE_TYPE
+
+    item = generate(client, output_format=fmt, seed=3)["data"][0]
+    report = read_manifest(base64.b64decode(item["b64_json"]), media_type)
+    assert report.state == "Valid" and report.actions[0]["digitalSourceType"] == DIGITAL_SOURCE_TYPE
+    labels = item["release"]["labels"]
+    assert labels[0] == "invisible_watermark_skipped_below_128px" and item["release"]["watermark_payload"] is None
+    assert labels[-1] == "c2pa_manifest_untrusted_signer"
+    signer = client.get("/readyz").json()["signer"]
+    assert signer["trusted"] is False and "untrusted" in signer["notes"][0]
