@@ -132,3 +132,13 @@ def test_every_image_carries_a_valid_c2pa_manifest(client: TestClient, fmt: str,
     assert labels[-1] == "c2pa_manifest_untrusted_signer"
     signer = client.get("/readyz").json()["signer"]
     assert signer["trusted"] is False and "untrusted" in signer["notes"][0]
+
+
+def test_verify_endpoint(client: TestClient) -> None:
+    item = generate(client, seed=4)["data"][0]
+    r = client.post("/v1/verify", content=base64.b64decode(item["b64_json"]), headers={"content-type": "image/png"})
+    assert r.status_code == 200
+    report = r.json()
+    assert report["c2pa"]["state"] == "Valid" and report["watermark"]["checked"] is False
+    bad = client.post("/v1/verify", content=b"nope", headers={"content-type": "image/png"})
+    assert bad.status_code == 415 and bad.json()["error"]["code"] == "not_an_image"
