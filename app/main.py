@@ -24,6 +24,7 @@ from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
 from app.engine.scheduler import SchedulerConfig
 from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
+from app.gate.policy import Policy
 from app.metrics import Metrics
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
 from app.pipeline.prompts import PromptCache
@@ -93,6 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         metrics=Metrics(),
         cache=PromptCache(settings.prompt_cache_entries),
         jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds),
+        policy=Policy.load(settings.gate_policy) if settings.gate_policy else Policy.load(),
     )
     services.metrics.watch(lambda: live_values(services))
 

@@ -39,6 +39,7 @@ class Settings(BaseSettings):
     prompt_cache_entries: int = Field(1024, ge=0, description="LRU entries of (model, prompt) → token states.")
     job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished async jobs keep their result.")
     max_jobs: int = Field(256, ge=1, description="Async jobs kept at most (finished ones are dropped first).")
+    gate_policy: Path | None = Field(None, description="Release policy file (default: app/gate/default_policy.toml).")
     state_dir: Path = Field(REPO_ROOT / "var", description="Service state: the development signing chain.")
     c2pa_cert_chain: Path | None = Field(None, description="PEM chain (signing certificate first) for C2PA.")
     c2pa_private_key: Path | None = Field(None, description="PEM private key (ES256) for C2PA.")

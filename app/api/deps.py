@@ -10,6 +10,7 @@ from fastapi import Depends, Request
 from app.engine.engine import Engine
 from app.engine.jobs import JobStore
 from app.gate.c2pa_manifest import ManifestSigner
+from app.gate.policy import Policy
 from app.metrics import Metrics
 from app.pipeline.loading import LoadedModel, LoadFailure
 from app.pipeline.prompts import PromptCache
@@ -24,6 +25,7 @@ class Services:
     metrics: Metrics
     cache: PromptCache
     jobs: JobStore
+    policy: Policy
     engine: Engine | None = None
     signer: ManifestSigner | None = None
     signer_notes: list[str] = field(default_factory=list)

@@ -34,6 +34,10 @@ class ImageGenerationBody(BaseModel):
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     sampler: str | None = None
     eta: float | None = Field(None, ge=0.0, le=1.0)
+    # What the image is for: the release gate's policy decides on it (app/gate/default_policy.toml).
+    asset_type: str = Field("campaign_background", max_length=64)
+    claims_real_sku: bool = False
+    contains_logo: bool = False
 
 
 class GenerationRecordOut(BaseModel):

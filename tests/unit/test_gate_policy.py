@@ -46,7 +46,8 @@ def test_blocked(use: Use, prompt: str) -> None:
 
 
 def test_words_inside_other_words_do_not_trigger() -> None:
-    assert POLICY.decide(Use(), "a pineapple-yellow mug on a wooden table").outcome == "synthetic_labeled_preview"
+    assert POLICY.decide(Use(), "a snikers-style sneaker on a wooden table").outcome == "synthetic_labeled_preview"
+    assert POLICY.decide(Use(), "a logotype-free mug").outcome == "synthetic_labeled_preview"
 
 
 def test_a_policy_file_with_an_unknown_rule_is_refused(tmp_path: Path) -> None:

@@ -1,0 +1,50 @@
+"""The release policy decides before any compute: blocked and review-bound requests never reach the engine."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.engine.request import GenerationRequest, Job
+
+
+@pytest.fixture
+def submitted(client: TestClient) -> list[GenerationRequest]:
+    engine = client.app.state.services.engine  # type: ignore[attr-defined]
+    seen: list[GenerationRequest] = []
+    original = engine.submit
+
+    def spy(request: GenerationRequest) -> Job:
+        seen.append(request)
+        return original(request)
+
+    engine.submit = spy
+    yield seen
+    engine.submit = original
+
+
+@pytest.mark.parametrize(
+    ("fields", "status", "code", "reason"),
+    [
+        ({"asset_type": "package_damage_evidence"}, 403, "blocked_by_policy", "package_damage_evidence"),
+        ({"prompt": "a counterfeit handbag"}, 403, "blocked_by_policy", "counterfeit"),
+        ({"claims_real_sku": True}, 409, "review_unavailable", "real SKU"),
+        ({"prompt": "a mug with the Nike logo"}, 409, "review_unavailable", "Nike"),
+        ({"asset_type": "product_detail_view"}, 409, "review_unavailable", "product_detail_view"),
+    ],
+)
+def test_refused_before_compute(
+    client: TestClient, submitted: list[GenerationRequest], fields: dict, status: int, code: str, reason: str
+) -> None:
+    body = {"model": "tiny-eps", "prompt": "a red mug", "num_inference_steps": 2, **fields}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == status and r.json()["error"]["code"] == code
+    assert reason in r.json()["error"]["message"]
+    assert submitted == []  # the engine never saw it
+
+
+def test_a_campaign_background_is_generated(client: TestClient, submitted: list[GenerationRequest]) -> None:
+    body = {"model": "tiny-eps", "prompt": "a red mug", "num_inference_steps": 2, "asset_type": "lifestyle_scene"}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200 and r.json()["data"][0]["release"]["outcome"] == "synthetic_labeled_preview"
+    assert len(submitted) == 1
