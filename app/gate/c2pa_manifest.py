@@ -12,6 +12,7 @@ import datetime
 import io
 import json
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -100,6 +101,7 @@ class ManifestSigner:
         info = c2pa.C2paSignerInfo(b"es256", identity.chain_pem, identity.key_pem, tsa)
         self._signer = c2pa.Signer.from_info(info)
         self._context = c2pa.Context(settings=c2pa.Settings.from_dict(_NO_THUMBNAIL))
+        self._lock = threading.Lock()  # one native signer, shared by the release threads of every model
 
     def sign(self, data: bytes, media_type: str, title: str, generator: str, version: str) -> bytes:
         manifest = {
@@ -111,7 +113,8 @@ class ManifestSigner:
             ],
         }  # fmt: skip
         out = io.BytesIO()
-        c2pa.Builder(manifest, self._context).sign(self._signer, media_type, io.BytesIO(data), out)
+        with self._lock:
+            c2pa.Builder(manifest, self._context).sign(self._signer, media_type, io.BytesIO(data), out)
         return out.getvalue()
 
 
