@@ -16,7 +16,7 @@ import torch
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import routes_health, routes_images, routes_jobs, routes_models, routes_verify
+from app.api import routes_health, routes_images, routes_jobs, routes_models, routes_reviews, routes_verify
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.observe import ObserveRequests
@@ -25,6 +25,7 @@ from app.engine.jobs import JobStore
 from app.engine.scheduler import SchedulerConfig
 from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from app.gate.policy import Policy
+from app.gate.review import ReviewStore
 from app.metrics import Metrics
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
 from app.pipeline.prompts import PromptCache
@@ -55,6 +56,7 @@ def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
         services.signer, services.signer_notes = make_signer(settings)
+        services.reviews = ReviewStore(settings.state_dir / "reviews.sqlite3")
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         models, failures = load_all(settings.models_dir, device, dtype)
@@ -76,7 +78,7 @@ def load_and_start(services: Services) -> None:
         deadline_seconds=settings.request_deadline_seconds,
     )
     observer = EngineObserver(on_step=services.metrics.observe_step, on_job=services.metrics.observe_job)
-    engine = Engine(models, config, services.cache, observer, services.signer)
+    engine = Engine(models, config, services.cache, observer, services.signer, services.reviews)
     engine.start()
     services.engine = engine
 
@@ -112,7 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for module in (routes_images, routes_jobs, routes_models, routes_verify, routes_health):
+    for module in (routes_images, routes_jobs, routes_models, routes_reviews, routes_verify, routes_health):
         app.include_router(module.router)
 
     app.add_middleware(ObserveRequests, metrics=services.metrics)

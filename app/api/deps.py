@@ -11,6 +11,7 @@ from app.engine.engine import Engine
 from app.engine.jobs import JobStore
 from app.gate.c2pa_manifest import ManifestSigner
 from app.gate.policy import Policy
+from app.gate.review import ReviewStore
 from app.metrics import Metrics
 from app.pipeline.loading import LoadedModel, LoadFailure
 from app.pipeline.prompts import PromptCache
@@ -28,6 +29,7 @@ class Services:
     policy: Policy
     engine: Engine | None = None
     signer: ManifestSigner | None = None
+    reviews: ReviewStore | None = None
     signer_notes: list[str] = field(default_factory=list)
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)

@@ -10,15 +10,24 @@ from typing import Any
 from app.api.schemas import ImageOut, ImagesResponse
 from app.engine.engine import Engine
 from app.engine.request import GenerationRequest, GenerationResult, Job
+from app.gate import ReleasedImage
 
 
 async def images_response(req: GenerationRequest, result: GenerationResult) -> ImagesResponse:
-    """Only released images reach here (GenerationResult holds ReleasedImage, made by the gate alone)."""
+    """Pixels leave only as ReleasedImage (made by the gate alone); held images become a review id."""
+
     # base64 of a few hundred kB is cheap, but keep it off the event loop like everything else.
-    encoded = await asyncio.to_thread(lambda: [base64.b64encode(i.data).decode() for i in result.images])
+    def encode() -> list[ImageOut]:
+        return [
+            ImageOut.from_released(i, base64.b64encode(i.data).decode())
+            if isinstance(i, ReleasedImage)
+            else ImageOut.from_held(i)
+            for i in result.images
+        ]
+
     return ImagesResponse(
         created=int(time.time()),
-        data=[ImageOut.from_released(img, b64) for img, b64 in zip(result.images, encoded, strict=True)],
+        data=await asyncio.to_thread(encode),
         output_format=req.output.format,
         size=f"{req.width}x{req.height}",
     )

@@ -7,6 +7,7 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 from __future__ import annotations
 
 import uuid
+from dataclasses import asdict, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -19,24 +20,22 @@ from app.api.schemas import ImageGenerationBody, ImagesResponse
 from app.api.validation import resolve
 from app.api.waiting import submit, wait_for
 from app.engine.engine import Engine
+from app.engine.request import GenerationRequest
 from app.gate.policy import Use
 
 router = APIRouter()
 
 
-def screen(services: Services, body: ImageGenerationBody) -> None:
-    """The gate's policy on the declared use and the prompt: blocked requests never reach the engine."""
+def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest) -> GenerationRequest:
+    """The gate's policy on the declared use and the prompt: blocked requests never reach the engine,
+    held ones are generated but kept for a reviewer."""
     use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
     decision = services.policy.decide(use, body.prompt, body.negative_prompt or "")
     if decision.outcome == "blocked":
         raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(decision.reasons))
     if decision.outcome == "human_review":
-        raise APIError(
-            409,
-            "review_unavailable",
-            "this image would be held for human review, which this deployment does not offer yet: "
-            + "; ".join(decision.reasons),
-        )
+        return replace(req, hold_reasons=decision.reasons, use=tuple(asdict(use).items()))
+    return req
 
 
 def ready_engine(services: Services) -> Engine:
@@ -54,8 +53,7 @@ async def generate(
 ) -> ImagesResponse | JSONResponse:
     engine = ready_engine(services)
     request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    req = resolve(body, services.models, services.settings, request_id)
-    screen(services, body)  # before any compute
+    req = screen(services, body, resolve(body, services.models, services.settings, request_id))  # before compute
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})

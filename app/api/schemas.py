@@ -6,7 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from app.gate import ReleasedImage
+from app.gate import GenerationRecord, ReleasedImage
+from app.gate.review import HeldForReview
 
 
 class ImageGenerationBody(BaseModel):
@@ -56,15 +57,42 @@ class ReleaseOut(BaseModel):
     outcome: str
     labels: list[str]
     reasons: list[str]
-    sha256: str
+    sha256: str | None
     watermark_payload: str | None
 
 
 class ImageOut(BaseModel):
-    b64_json: str
+    b64_json: str | None  # None while the image is held for review
     revised_prompt: str
+    status: Literal["released", "pending_review"] = "released"
+    review_id: str | None = None
     generation: GenerationRecordOut
     release: ReleaseOut
+
+    @classmethod
+    def from_held(cls, held: HeldForReview) -> ImageOut:
+        return cls(
+            b64_json=None,
+            revised_prompt=held.record.prompt,
+            status="pending_review",
+            review_id=held.review_id,
+            generation=GenerationRecordOut(**{k: v for k, v in held.record.as_dict().items() if k != "prompt"}),
+            release=ReleaseOut(
+                outcome="human_review", labels=[], reasons=list(held.reasons), sha256=None, watermark_payload=None
+            ),
+        )
+
+    @classmethod
+    def from_held_approved(cls, record: GenerationRecord, review_id: str, b64: str, sha256: str | None) -> ImageOut:
+        return cls(
+            b64_json=b64,
+            revised_prompt=record.prompt,
+            review_id=review_id,
+            generation=GenerationRecordOut(**{k: v for k, v in record.as_dict().items() if k != "prompt"}),
+            release=ReleaseOut(
+                outcome="approved_after_review", labels=[], reasons=[], sha256=sha256, watermark_payload=None
+            ),
+        )
 
     @classmethod
     def from_released(cls, image: ReleasedImage, b64: str) -> ImageOut:

@@ -28,8 +28,9 @@ from app.engine.request import (
 )
 from app.engine.runner import Runner, prompt_states
 from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
-from app.gate import GenerationRecord, release
+from app.gate import GenerationRecord, ReleasedImage, release
 from app.gate.c2pa_manifest import ManifestSigner
+from app.gate.review import HeldForReview, ReviewStore
 from app.pipeline.loading import LoadedModel
 from app.pipeline.prompts import PromptCache
 
@@ -97,9 +98,11 @@ class ModelEngine:
         cache: PromptCache,
         observer: EngineObserver | None = None,
         signer: ManifestSigner | None = None,
+        reviews: ReviewStore | None = None,
     ) -> None:
         self.model = model
         self.signer = signer
+        self.reviews = reviews
         self.config = config
         self.cache = cache
         self.observer = observer or EngineObserver()
@@ -276,11 +279,22 @@ class ModelEngine:
 
     def _release(self, job: Job, pixels: np.ndarray, decode_seconds: float) -> None:
         req = job.request
+        images: list[ReleasedImage | HeldForReview] = []
         try:
-            images = [
-                release(pixels[i], image_record(req, i), req.output.format, req.output.compression, self.signer)
-                for i in range(req.n)
-            ]
+            for i in range(req.n):
+                record = image_record(req, i)
+                if req.hold_reasons:
+                    if self.reviews is None:
+                        raise RuntimeError("the policy held an image but no review store is configured")
+                    fmt, compression = req.output.format, req.output.compression
+                    images.append(
+                        self.reviews.hold(pixels[i], record, req.hold_reasons, dict(req.use), fmt, compression)
+                    )
+                    continue
+                image = release(pixels[i], record, req.output.format, req.output.compression, self.signer)
+                if self.reviews is not None:
+                    self.reviews.record_release(image)
+                images.append(image)
         except Exception as exc:
             log.exception("release failed for job %s", job.id)
             self._fail(job, exc, "failed")
@@ -306,8 +320,9 @@ class Engine:
         cache: PromptCache,
         observer: EngineObserver | None = None,
         signer: ManifestSigner | None = None,
+        reviews: ReviewStore | None = None,
     ) -> None:
-        self.workers = {m.name: ModelEngine(m, config, cache, observer, signer) for m in models}
+        self.workers = {m.name: ModelEngine(m, config, cache, observer, signer, reviews) for m in models}
 
     def start(self) -> None:
         for w in self.workers.values():

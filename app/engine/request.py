@@ -15,6 +15,7 @@ from app.samplers import Sampler, SamplerPlan
 
 if TYPE_CHECKING:
     from app.gate import ReleasedImage
+    from app.gate.review import HeldForReview
 
 
 @dataclass(frozen=True)
@@ -41,11 +42,13 @@ class GenerationRequest:
     output: OutputSpec
     request_id: str = ""
     user: str | None = None
+    hold_reasons: tuple[str, ...] = ()  # set when the release policy holds the images for human review
+    use: tuple[tuple[str, object], ...] = ()  # the declared use, stored with held images
 
 
 @dataclass(frozen=True)
 class GenerationResult:
-    images: list[ReleasedImage]
+    images: list[ReleasedImage | HeldForReview]
     seconds: float
 
 

@@ -1,4 +1,4 @@
-"""The release policy decides before any compute: blocked and review-bound requests never reach the engine."""
+"""The release policy decides before any compute: blocked requests never reach the engine."""
 
 from __future__ import annotations
 
@@ -28,12 +28,9 @@ def submitted(client: TestClient) -> list[GenerationRequest]:
     [
         ({"asset_type": "package_damage_evidence"}, 403, "blocked_by_policy", "package_damage_evidence"),
         ({"prompt": "a counterfeit handbag"}, 403, "blocked_by_policy", "counterfeit"),
-        ({"claims_real_sku": True}, 409, "review_unavailable", "real SKU"),
-        ({"prompt": "a mug with the Nike logo"}, 409, "review_unavailable", "Nike"),
-        ({"asset_type": "product_detail_view"}, 409, "review_unavailable", "product_detail_view"),
     ],
 )
-def test_refused_before_compute(
+def test_blocked_before_compute(
     client: TestClient, submitted: list[GenerationRequest], fields: dict, status: int, code: str, reason: str
 ) -> None:
     body = {"model": "tiny-eps", "prompt": "a red mug", "num_inference_steps": 2, **fields}
@@ -47,4 +44,24 @@ def test_a_campaign_background_is_generated(client: TestClient, submitted: list[
     body = {"model": "tiny-eps", "prompt": "a red mug", "num_inference_steps": 2, "asset_type": "lifestyle_scene"}
     r = client.post("/v1/images/generations", json=body)
     assert r.status_code == 200 and r.json()["data"][0]["release"]["outcome"] == "synthetic_labeled_preview"
+    assert len(submitted) == 1
+
+
+@pytest.mark.parametrize(
+    ("fields", "reason"),
+    [
+        ({"claims_real_sku": True}, "real SKU"),
+        ({"prompt": "a mug with the Nike logo"}, "Nike"),
+        ({"asset_type": "product_detail_view"}, "product_detail_view"),
+    ],
+)
+def test_held_for_review_carries_no_pixels(
+    client: TestClient, submitted: list[GenerationRequest], fields: dict, reason: str
+) -> None:
+    body = {"model": "tiny-eps", "prompt": "a red mug", "num_inference_steps": 2, **fields}
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 200
+    item = r.json()["data"][0]
+    assert item["status"] == "pending_review" and item["b64_json"] is None and item["review_id"]
+    assert item["release"]["outcome"] == "human_review" and any(reason in x for x in item["release"]["reasons"])
     assert len(submitted) == 1
