@@ -10,7 +10,6 @@ from app.main import create_app
 from app.settings import Settings
 from tests.helpers import wait_ready
 
-
 REVIEWER_KEY = "reviewer-secret"
 
 
