@@ -16,7 +16,15 @@ import torch
 from fastapi import FastAPI
 
 from app import __version__
-from app.api import routes_health, routes_images, routes_jobs, routes_models, routes_reviews, routes_verify
+from app.api import (
+    routes_health,
+    routes_images,
+    routes_jobs,
+    routes_models,
+    routes_review_page,
+    routes_reviews,
+    routes_verify,
+)
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
 from app.api.observe import ObserveRequests
@@ -114,7 +122,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan)
     app.state.services = services
     install_error_handlers(app)
-    for module in (routes_images, routes_jobs, routes_models, routes_reviews, routes_verify, routes_health):
+    routers = (
+        routes_images,
+        routes_jobs,
+        routes_models,
+        routes_reviews,
+        routes_review_page,
+        routes_verify,
+        routes_health,
+    )
+    for module in routers:
         app.include_router(module.router)
 
     app.add_middleware(ObserveRequests, metrics=services.metrics)

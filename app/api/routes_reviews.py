@@ -12,7 +12,7 @@ import hmac
 from dataclasses import asdict
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Depends, Header
+from fastapi import APIRouter, Cookie, Depends, Header
 from fastapi.responses import Response
 from pydantic import BaseModel
 
@@ -36,15 +36,29 @@ def store(services: Services) -> ReviewStore:
     return services.reviews
 
 
-def reviewer(services: ServicesDep, authorization: Annotated[str | None, Header()] = None) -> str:
-    keys = services.settings.reviewer_key_list()
-    if not keys:
-        raise APIError(403, "review_disabled", "no reviewer keys are configured (IMAGEGEN_REVIEWER_KEYS)")
-    token = (authorization or "").removeprefix("Bearer ").strip()
-    for name, key in keys.items():
-        if token and hmac.compare_digest(token, key):
+REVIEWER_COOKIE = "imagegen_reviewer"
+
+
+def reviewer_name(services: Services, token: str) -> str | None:
+    for name, key in services.settings.reviewer_key_list().items():
+        if token and hmac.compare_digest(token.encode(), key.encode()):
             return name
-    raise APIError(401, "invalid_reviewer_key", "a valid reviewer key is required")
+    return None
+
+
+def reviewer(
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header()] = None,
+    imagegen_reviewer: Annotated[str | None, Cookie()] = None,
+) -> str:
+    """The reviewer's name, from a Bearer key (API) or the review page's cookie."""
+    if not services.settings.reviewer_key_list():
+        raise APIError(403, "review_disabled", "no reviewer keys are configured (IMAGEGEN_REVIEWER_KEYS)")
+    token = (authorization or "").removeprefix("Bearer ").strip() or (imagegen_reviewer or "")
+    name = reviewer_name(services, token)
+    if name is None:
+        raise APIError(401, "invalid_reviewer_key", "a valid reviewer key is required")
+    return name
 
 
 ReviewerDep = Annotated[str, Depends(reviewer)]

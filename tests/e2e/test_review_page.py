@@ -1,0 +1,103 @@
+"""The reviewer page in headless Chromium (Debian's chromium + chromedriver, driven by selenium):
+sign in, see the held images, approve one and reject the other."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from selenium import webdriver
+from selenium.webdriver.chrome.options import Options
+from selenium.webdriver.chrome.service import Service
+from selenium.webdriver.common.by import By
+from selenium.webdriver.support import expected_conditions as ec
+from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.api.test_server_process import free_port
+
+REPO = Path(__file__).resolve().parents[2]
+KEY = "page-reviewer-key"
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    port = free_port()
+    env = {
+        **os.environ,
+        "IMAGEGEN_PORT": str(port),
+        "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
+        "IMAGEGEN_STATE_DIR": str(tmp_path_factory.mktemp("state")),
+        "IMAGEGEN_REVIEWER_KEYS": f"carol:{KEY}",
+        "IMAGEGEN_TORCH_THREADS": "1",
+    }
+    proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(600):
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(30)
+
+
+@pytest.fixture(scope="module")
+def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chrome]:
+    options = Options()
+    options.binary_location = "/usr/bin/chromium"
+    for flag in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--no-first-run", f"--user-data-dir={tmp_path_factory.mktemp('chromium')}"):  # fmt: skip
+        options.add_argument(flag)
+    driver = webdriver.Chrome(service=Service("/usr/bin/chromedriver"), options=options)
+    yield driver
+    driver.quit()
+
+
+def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> None:
+    body = {"model": "tiny-eps", "prompt": "mug, SKU 88-1234-X", "num_inference_steps": 2, "n": 2, "seed": 1}
+    ids = [d["review_id"] for d in httpx.post(f"{server}/v1/images/generations", json=body, timeout=60).json()["data"]]
+    browser.get(f"{server}/review")
+    browser.find_element(By.NAME, "key").send_keys(KEY)
+    browser.find_element(By.TAG_NAME, "button").click()
+    WebDriverWait(browser, 20).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".item")))
+    items = browser.find_elements(By.CSS_SELECTOR, ".item")
+    assert {i.get_attribute("id") for i in items} == {f"review-{x}" for x in ids}
+    assert "SKU-like identifier" in browser.page_source
+    for img in browser.find_elements(By.CSS_SELECTOR, ".item img"):  # the held pixels load for the reviewer
+        loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+        WebDriverWait(browser, 20).until(lambda d, img=img: d.execute_script(loaded, img) == 16)
+
+    wait = WebDriverWait(browser, 20)
+    approve = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[0]} button[value=approve]")
+    approve.click()
+    wait.until(ec.staleness_of(approve))  # the form posted and the list reloaded
+    wait.until(ec.invisibility_of_element_located((By.ID, f"review-{ids[0]}")))
+    browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} input[name=note]").send_keys("real SKU shown")
+    reject = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} button[value=reject]")
+    reject.click()
+    wait.until(ec.staleness_of(reject))
+    assert wait.until(ec.presence_of_element_located((By.ID, "empty"))).text == "Nothing is waiting for review."
+
+    approved = httpx.get(f"{server}/v1/reviews/{ids[0]}/result")
+    assert approved.status_code == 200 and approved.json()["data"][0]["b64_json"]
+    assert httpx.get(f"{server}/v1/reviews/{ids[1]}/result").status_code == 410
+    rejected = httpx.get(f"{server}/v1/reviews/{ids[1]}", headers={"Authorization": f"Bearer {KEY}"}).json()
+    assert rejected["reviewer"] == "carol" and rejected["note"] == "real SKU shown"
+
+
+def test_the_page_needs_a_key(server: str) -> None:
+    assert 'name="key"' in httpx.get(f"{server}/review").text  # the sign-in form, no items
+    assert httpx.post(f"{server}/review/login", content="key=wrong").status_code == 401
+    assert httpx.get(f"{server}/v1/reviews/whatever/image").status_code == 401
