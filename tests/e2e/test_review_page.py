@@ -75,8 +75,8 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     items = browser.find_elements(By.CSS_SELECTOR, ".item")
     assert {i.get_attribute("id") for i in items} == {f"review-{x}" for x in ids}
     assert "SKU-like identifier" in browser.page_source
+    loaded = "return arguments[0].complete && arguments[0].naturalWidth"
     for img in browser.find_elements(By.CSS_SELECTOR, ".item img"):  # the held pixels load for the reviewer
-        loaded = "return arguments[0].complete && arguments[0].naturalWidth"
         WebDriverWait(browser, 20).until(lambda d, img=img: d.execute_script(loaded, img) == 16)
 
     wait = WebDriverWait(browser, 20)
