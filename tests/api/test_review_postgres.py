@@ -1,0 +1,52 @@
+"""The review flow against a real PostgreSQL server, shared by two app instances (two replicas)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.main import create_app
+from app.settings import Settings
+from tests.helpers import wait_ready
+from tests.postgres import postgres_server
+
+AUTH = {"Authorization": "Bearer pg-key"}
+
+
+@pytest.fixture(scope="module")
+def database() -> Iterator[str]:
+    with postgres_server() as url:
+        yield url
+
+
+def replica(models: Path, url: str, state: Path) -> TestClient:
+    settings = Settings(models_dir=models, database_url=url, reviewer_keys="dana:pg-key", state_dir=state)
+    return TestClient(create_app(settings))
+
+
+def test_two_replicas_share_the_review_queue(
+    database: str, tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    state = tmp_path_factory.mktemp("state")  # the same signing chain for both replicas
+    with replica(tiny_models_dir, database, state) as a, replica(tiny_models_dir, database, state) as b:
+        wait_ready(a)
+        wait_ready(b)
+        body = {"model": "tiny-eps", "prompt": "a mug", "num_inference_steps": 2, "contains_logo": True, "n": 2}
+        r = a.post("/v1/images/generations", json=body)
+        assert r.status_code == 200, r.text
+        first, second = (d["review_id"] for d in r.json()["data"])
+        pending = {r["id"] for r in b.get("/v1/reviews", headers=AUTH).json()["data"]}
+        assert {first, second} <= pending  # held on replica a, visible on replica b
+        assert b.post(f"/v1/reviews/{first}/approve", headers=AUTH).json()["status"] == "approved"
+        assert a.post(f"/v1/reviews/{first}/reject", headers=AUTH).status_code == 409  # decided once
+        assert (
+            a.post(f"/v1/reviews/{second}/reject", headers=AUTH, json={"note": "logo"}).json()["status"] == "rejected"
+        )
+        result = a.get(f"/v1/reviews/{first}/result").json()
+        assert result["data"][0]["b64_json"]
+        assert b.get(f"/v1/reviews/{second}/result").status_code == 410
+        audit = a.get(f"/v1/reviews/{first}", headers=AUTH).json()["audit"]
+        assert [e["event"] for e in audit] == ["held", "approved"] and audit[1]["actor"] == "dana"
