@@ -19,7 +19,7 @@ CASES = [  # prompt, object colour, background
     ("a red mug on a white background", "red", "white"),
     ("product photo of a blue t-shirt, black backdrop", "blue", "black"),
     ("a yellow backpack on a wooden background", "yellow", "wood"),
-    ("a green lamp against a pastel blue background", "green", "blue"),
+    ("a green bottle on a pastel blue background", "green", "blue"),
 ]
 
 
