@@ -5,13 +5,22 @@ from __future__ import annotations
 import base64
 import io
 import json
+import os
+import subprocess
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
+import httpx
 from fastapi.testclient import TestClient
 from PIL import Image
 
 from app.gate.labels import DIGITAL_SOURCE_TYPE, PARAMETERS_KEY
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def wait_ready(client: TestClient, timeout: float = 120.0) -> dict[str, Any]:
@@ -43,3 +52,36 @@ def assert_labeled_synthetic(image: Image.Image, model: str) -> None:
 
 def png_parameters(image: Image.Image) -> dict[str, Any]:
     return dict(json.loads(image.info[PARAMETERS_KEY]))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+@contextmanager
+def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[str]:
+    """`python -m app serve` as a real process on a free port; yields its base URL once /readyz is 200."""
+    port = free_port()
+    env = {**os.environ, **env, "IMAGEGEN_HOST": "127.0.0.1", "IMAGEGEN_PORT": str(port)}
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert proc.poll() is None, log.read_text()
+            try:
+                if httpx.get(f"{base}/readyz").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.2)
+        yield base
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

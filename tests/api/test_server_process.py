@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import base64
 import io
-import os
-import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,48 +13,21 @@ import pytest
 from openai import OpenAI
 from PIL import Image
 
-from tests.helpers import assert_labeled_synthetic
+from tests.helpers import assert_labeled_synthetic, running_server
 
 REPO = Path(__file__).resolve().parents[2]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 @pytest.fixture(scope="module")
 def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     env = {
-        **os.environ,
-        "IMAGEGEN_HOST": "127.0.0.1",
-        "IMAGEGEN_PORT": str(port),
         "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
         "IMAGEGEN_DEVICE": "cpu",
         "IMAGEGEN_DEFAULT_MODEL": "tiny-v",
         "IMAGEGEN_TORCH_THREADS": "1",
     }
-    log = tmp_path_factory.mktemp("server") / "server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_openai_client_generates_a_labeled_png(server: str) -> None:

@@ -3,10 +3,6 @@ sign in, see the held images, approve one and reject the other."""
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,7 +15,7 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.api.test_server_process import free_port
+from tests.helpers import running_server
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "page-reviewer-key"
@@ -27,29 +23,14 @@ KEY = "page-reviewer-key"
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    port = free_port()
     env = {
-        **os.environ,
-        "IMAGEGEN_PORT": str(port),
         "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
         "IMAGEGEN_STATE_DIR": str(tmp_path_factory.mktemp("state")),
         "IMAGEGEN_REVIEWER_KEYS": f"carol:{KEY}",
         "IMAGEGEN_TORCH_THREADS": "1",
     }
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(600):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
+    with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
-    finally:
-        proc.terminate()
-        proc.wait(30)
 
 
 @pytest.fixture(scope="module")
