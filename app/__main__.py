@@ -1,15 +1,12 @@
-"""``python -m app serve``: run the HTTP server with the settings from the environment."""
+"""``python -m app``: serve, probe a running server, make an API key, or verify image files."""
 
 from __future__ import annotations
 
 import argparse
 import json
-import logging
+import sys
 from pathlib import Path
 
-import uvicorn
-
-from app.main import create_app
 from app.settings import Settings
 
 
@@ -17,6 +14,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m app")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("serve", help="serve every model under IMAGEGEN_MODELS_DIR")
+    sub.add_parser("probe", help="exit 0 when /healthz of the configured server answers (container HEALTHCHECK)")
+    key = sub.add_parser("new-key", help="print a new API key and its entry for IMAGEGEN_API_KEYS_FILE")
+    key.add_argument("--name", required=True)
+    key.add_argument("--role", action="append", choices=["generate", "review", "admin"], required=True)
+    key.add_argument("--requests-per-minute", type=float, default=60)
+    key.add_argument("--max-concurrent", type=int, default=4)
     check = sub.add_parser("verify", help="report the C2PA state, XMP label and watermark of image files")
     check.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
@@ -25,11 +28,32 @@ def main(argv: list[str] | None = None) -> None:
 
         for path in args.files:
             print(json.dumps({"file": str(path), **verify(path.read_bytes())}, indent=2))
-        return
-    if args.command == "serve":
+    elif args.command == "new-key":
+        from app.api.keys import hash_key, new_key
+
+        token = new_key()
+        print(f"# the key (give it to the client; it is not stored anywhere): {token}", file=sys.stderr)
+        print(
+            f'[[key]]\nname = "{args.name}"\nsha256 = "{hash_key(token)}"\nroles = {json.dumps(args.role)}\n'
+            f"requests_per_minute = {args.requests_per_minute:g}\nmax_concurrent = {args.max_concurrent}"
+        )
+    elif args.command == "probe":
+        import httpx
+
         settings = Settings()
-        logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-        uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level=settings.log_level)
+        port = settings.metrics_port or settings.port
+        try:
+            ok = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5).status_code == 200
+        except httpx.HTTPError:
+            ok = False
+        sys.exit(0 if ok else 1)
+    elif args.command == "serve":
+        from app import logs
+        from app.serving import serve
+
+        settings = Settings()
+        logs.configure(settings.log_level, settings.log_format)
+        serve(settings)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import httpx
@@ -27,6 +27,7 @@ from app.api import (
 )
 from app.api.deps import Services
 from app.api.errors import install_error_handlers
+from app.api.keys import KeyRing
 from app.api.observe import ObserveRequests
 from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
@@ -34,7 +35,7 @@ from app.engine.scheduler import SchedulerConfig
 from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from app.gate.policy import Policy
 from app.gate.review import ReviewStore
-from app.metrics import Metrics
+from app.metrics import Metrics, ModelLoad, Snapshot
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
 from app.pipeline.prompts import PromptCache
 from app.settings import Settings
@@ -42,7 +43,7 @@ from app.settings import Settings
 log = logging.getLogger(__name__)
 
 
-def make_signer(settings: Settings) -> tuple[ManifestSigner, list[str]]:
+def make_signer(settings: Settings, on_sign: Callable[[float], None] | None = None) -> tuple[ManifestSigner, list[str]]:
     """The C2PA signer from settings, or a development chain generated in the state folder."""
     notes = []
     if settings.c2pa_cert_chain and settings.c2pa_private_key:
@@ -57,13 +58,13 @@ def make_signer(settings: Settings) -> tuple[ManifestSigner, list[str]]:
             notes.append(f"C2PA time-stamp authority {settings.c2pa_tsa_url} is unreachable: {exc}")
     for note in notes:
         log.warning(note)
-    return ManifestSigner(identity, settings.c2pa_tsa_url), notes
+    return ManifestSigner(identity, settings.c2pa_tsa_url, on_sign), notes
 
 
 def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
-        services.signer, services.signer_notes = make_signer(settings)
+        services.signer, services.signer_notes = make_signer(settings, services.metrics.sign_seconds.observe)
         services.reviews = ReviewStore(settings.review_database())
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
@@ -85,16 +86,34 @@ def load_and_start(services: Services) -> None:
         ),
         deadline_seconds=settings.request_deadline_seconds,
     )
-    observer = EngineObserver(on_step=services.metrics.observe_step, on_job=services.metrics.observe_job)
+    m = services.metrics
+    observer = EngineObserver(on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode)
     engine = Engine(models, config, services.cache, observer, services.signer, services.reviews)
     engine.start()
     services.engine = engine
 
 
-def live_values(services: Services) -> dict[str, dict[str, tuple[float, ...]]]:
+def snapshot(services: Services) -> Snapshot:
     engine = services.engine
-    load = {name: tuple(float(v) for v in w.load()) for name, w in engine.workers.items()} if engine else {}
-    return {"load": load, "cache": {"": (float(services.cache.hits), float(services.cache.misses))}}
+    capacity = services.settings.max_queued_images
+    models = {}
+    for name, model in services.models.items():
+        images, requests, running = engine.workers[name].load() if engine else (0, 0, 0)
+        models[name] = ModelLoad(images, requests, running, capacity, model.load_seconds)
+    memory = {}
+    for device in {m.device for m in services.models.values() if m.device.type == "cuda"}:
+        memory[(str(device), "allocated")] = torch.cuda.memory_allocated(device)
+        memory[(str(device), "reserved")] = torch.cuda.memory_reserved(device)
+    signer = services.signer
+    return Snapshot(
+        models=models,
+        cache_hits=services.cache.hits,
+        cache_misses=services.cache.misses,
+        ready=engine is not None and engine.ready and not services.draining,
+        draining=services.draining,
+        signer_trusted=None if signer is None else not signer.identity.development,
+        device_memory=memory,
+    )
 
 
 def create_app(settings: Settings | None = None) -> FastAPI:
@@ -106,7 +125,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds),
         policy=Policy.load(settings.gate_policy) if settings.gate_policy else Policy.load(),
     )
-    services.metrics.watch(lambda: live_values(services))
+    if settings.api_keys_file is not None:
+        services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly
+    services.metrics.watch(lambda: snapshot(services))
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -133,6 +154,17 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     for module in routers:
         app.include_router(module.router)
+    if settings.metrics_port is None:
+        app.include_router(routes_health.metrics_router)
 
     app.add_middleware(ObserveRequests, metrics=services.metrics)
+    return app
+
+
+def create_ops_app(services: Services) -> FastAPI:
+    """Probes and /metrics for IMAGEGEN_METRICS_PORT: the same services, no API routes, no lifespan."""
+    app = FastAPI(title="imagegen ops", version=__version__, docs_url=None, redoc_url=None, openapi_url=None)
+    app.state.services = services
+    app.include_router(routes_health.router)
+    app.include_router(routes_health.metrics_router)
     return app

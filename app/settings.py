@@ -16,6 +16,10 @@ class Settings(BaseSettings):
 
     host: str = Field("127.0.0.1", description="Interface to listen on (0.0.0.0 in a container).")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port.")
+    metrics_port: int | None = Field(
+        None, ge=1, le=65535, description="Serve /metrics (and copies of the probes) here instead of on the API port."
+    )
+    drain_seconds: float = Field(60.0, ge=0, description="After SIGTERM: most time to finish accepted work, then exit.")
     models_dir: Path = Field(REPO_ROOT / "models", description="Folder whose sub-folders are served as models.")
     default_model: str | None = Field(None, description="Model used when a request names none (default: first).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
@@ -43,19 +47,18 @@ class Settings(BaseSettings):
     database_url: str | None = Field(
         None, description="postgresql://… for held images and the audit log (default: SQLite in the state dir)."
     )
-    reviewer_keys: str = Field("", description='Reviewer API keys as "name:key,name:key"; empty disables review.')
+    api_keys_file: Path | None = Field(
+        None, description="TOML file of hashed API keys with roles and quotas; unset: open generation, no review."
+    )
     state_dir: Path = Field(REPO_ROOT / "var", description="Service state: the development signing chain.")
     c2pa_cert_chain: Path | None = Field(None, description="PEM chain (signing certificate first) for C2PA.")
     c2pa_private_key: Path | None = Field(None, description="PEM private key (ES256) for C2PA.")
     c2pa_tsa_url: str | None = Field(None, description="RFC 3161 time-stamp authority for C2PA signatures.")
     log_level: str = Field("info", description="Python log level.")
+    log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line, with request ids.")
 
     def review_database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'reviews.sqlite3'}"
-
-    def reviewer_key_list(self) -> dict[str, str]:
-        pairs = (item.split(":", 1) for item in self.reviewer_keys.split(",") if ":" in item)
-        return {name.strip(): key.strip() for name, key in pairs if key.strip()}
 
     def buckets(self) -> tuple[int, ...]:
         return tuple(sorted(int(b) for b in self.batch_buckets.split(",") if b.strip()))

@@ -1,4 +1,4 @@
-"""Shared test helpers: reading labels back out of encoded images, waiting for readiness."""
+"""Shared test helpers: reading labels back out of encoded images, waiting for readiness, key files."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ import httpx
 from fastapi.testclient import TestClient
 from PIL import Image
 
+from app.api.keys import hash_key
 from app.gate.labels import DIGITAL_SOURCE_TYPE, PARAMETERS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -31,6 +32,17 @@ def wait_ready(client: TestClient, timeout: float = 120.0) -> dict[str, Any]:
             return dict(r.json())
         time.sleep(0.1)
     raise AssertionError(f"not ready after {timeout}s: {client.get('/readyz').json()}")
+
+
+def write_key_file(path: Path, keys: dict[str, tuple[str, list[str]]], **quota: float) -> Path:
+    """An IMAGEGEN_API_KEYS_FILE: {name: (plaintext key, roles)}; quota fields apply to every key."""
+    entries = [
+        f'[[key]]\nname = "{name}"\nsha256 = "{hash_key(key)}"\nroles = {json.dumps(roles)}\n'
+        + "".join(f"{field} = {value}\n" for field, value in quota.items())
+        for name, (key, roles) in keys.items()
+    ]
+    path.write_text("\n".join(entries))
+    return path
 
 
 def decode_image(b64: str) -> Image.Image:
@@ -66,7 +78,13 @@ def free_port() -> int:
 def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[str]:
     """`python -m app serve` as a real process on a free port; yields its base URL once /readyz is 200."""
     port = free_port()
-    env = {**os.environ, **env, "IMAGEGEN_HOST": "127.0.0.1", "IMAGEGEN_PORT": str(port)}
+    env = {
+        "IMAGEGEN_DRAIN_SECONDS": "10",
+        **os.environ,
+        **env,
+        "IMAGEGEN_HOST": "127.0.0.1",
+        "IMAGEGEN_PORT": str(port),
+    }
     with log.open("w") as out:
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"

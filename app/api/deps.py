@@ -7,6 +7,8 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 
+from app.api.keys import KeyRing
+from app.api.quotas import Quotas
 from app.engine.engine import Engine
 from app.engine.jobs import JobStore
 from app.gate.c2pa_manifest import ManifestSigner
@@ -27,6 +29,9 @@ class Services:
     cache: PromptCache
     jobs: JobStore
     policy: Policy
+    keys: KeyRing | None = None
+    quotas: Quotas = field(default_factory=Quotas)
+    draining: bool = False
     engine: Engine | None = None
     signer: ManifestSigner | None = None
     reviews: ReviewStore | None = None

@@ -8,7 +8,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from app.api.deps import ServicesDep
 
-router = APIRouter()
+router = APIRouter()  # probes: always open
+metrics_router = APIRouter()  # on the API port, or alone on IMAGEGEN_METRICS_PORT
 
 
 @router.get("/healthz")
@@ -23,9 +24,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         name: ("ready" if engine is not None and engine.workers[name].ready.is_set() else "warming_up")
         for name in services.models
     }
-    ready = engine is not None and engine.ready
+    ready = engine is not None and engine.ready and not services.draining
     body = {
         "ready": ready,
+        "draining": services.draining,
         "models": models,
         "failed_models": {f.name: f.error for f in services.failures},
         "signer": None
@@ -39,6 +41,6 @@ async def readyz(services: ServicesDep) -> JSONResponse:
     return JSONResponse(body, status_code=200 if ready else 503)
 
 
-@router.get("/metrics")
+@metrics_router.get("/metrics")
 async def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -6,13 +6,13 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 
 from __future__ import annotations
 
-import uuid
 from dataclasses import asdict, replace
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
 from fastapi.responses import JSONResponse
 
+from app.api.access import GenerateCaller, charge
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.responses import images_response, job_body
@@ -22,6 +22,7 @@ from app.api.waiting import submit, wait_for
 from app.engine.engine import Engine
 from app.engine.request import GenerationRequest
 from app.gate.policy import Use
+from app.logs import request_id
 
 router = APIRouter()
 
@@ -31,6 +32,7 @@ def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest
     held ones are generated but kept for a reviewer."""
     use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
     decision = services.policy.decide(use, body.prompt, body.negative_prompt or "")
+    services.metrics.observe_gate_decision(decision.outcome)
     if decision.outcome == "blocked":
         raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(decision.reasons))
     if decision.outcome == "human_review":
@@ -39,6 +41,8 @@ def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest
 
 
 def ready_engine(services: Services) -> Engine:
+    if services.draining:
+        raise APIError(503, "draining", "this replica is shutting down; retry", headers={"Retry-After": "1"})
     if services.engine is None or not services.engine.ready:
         raise APIError(503, "not_ready", "the service is starting; retry shortly", headers={"Retry-After": "5"})
     return services.engine
@@ -48,16 +52,23 @@ def ready_engine(services: Services) -> Engine:
 async def generate(
     body: ImageGenerationBody,
     services: ServicesDep,
+    caller: GenerateCaller,
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
 ) -> ImagesResponse | JSONResponse:
     engine = ready_engine(services)
-    request_id = request.headers.get("x-request-id") or uuid.uuid4().hex
-    req = screen(services, body, resolve(body, services.models, services.settings, request_id))  # before compute
+    req = screen(services, body, resolve(body, services.models, services.settings, request_id()))
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
-    job = submit(engine, req)
+    end_charge = charge(services, caller)
+    try:
+        job = submit(engine, req)
+    except APIError:
+        end_charge()
+        raise
+    job.owner = caller.name
+    job.future.add_done_callback(lambda _: end_charge())
     if respond_async:
         services.jobs.add(job)
         headers = {"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"}

@@ -9,48 +9,61 @@ from collections.abc import AsyncIterator
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 
+from app.api.access import GenerateCaller
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
+from app.api.keys import Caller, Role
 from app.api.responses import job_body, job_progress
-from app.api.routes_images import ready_engine
+from app.engine.engine import Engine
 from app.engine.request import Job
 
 router = APIRouter()
 EVENT_POLL_SECONDS = 0.1
 
 
-def find_job(services: Services, job_id: str) -> Job:
+def engine_for_reading(services: Services) -> Engine:
+    """Jobs stay readable while the replica drains: their results are what the drain waits for."""
+    if services.engine is None:
+        raise APIError(503, "not_ready", "the service is starting; retry shortly", headers={"Retry-After": "5"})
+    return services.engine
+
+
+def find_job(services: Services, job_id: str, caller: Caller) -> Job:
     job = services.jobs.get(job_id)
-    if job is None:
+    if job is None or (job.owner != caller.name and not caller.may(Role.admin)):
         raise APIError(404, "job_not_found", f"job {job_id!r} does not exist or has expired", "job_id")
     return job
 
 
 @router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, services: ServicesDep) -> JSONResponse:
-    engine = ready_engine(services)
-    return JSONResponse(await job_body(find_job(services, job_id), engine))
+async def get_job(job_id: str, services: ServicesDep, caller: GenerateCaller) -> JSONResponse:
+    job = find_job(services, job_id, caller)
+    body = await job_body(job, engine_for_reading(services))
+    job.delivered = job.delivered or job.done
+    return JSONResponse(body)
 
 
 @router.delete("/v1/jobs/{job_id}")
-async def cancel_job(job_id: str, services: ServicesDep) -> JSONResponse:
+async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller) -> JSONResponse:
     """Cancel a job: its rows leave the batch at the next step boundary. Finished jobs are unchanged."""
-    engine = ready_engine(services)
-    job = find_job(services, job_id)
+    engine = engine_for_reading(services)
+    job = find_job(services, job_id, caller)
     if not job.done:
         engine.cancel(job)
         waited = asyncio.wrap_future(job.future)
         done, _ = await asyncio.wait({waited}, timeout=10)
         for future in done:
             future.exception()  # the cancellation is the expected outcome, not an error to report
-    return JSONResponse(await job_body(job, engine))
+    body = await job_body(job, engine)
+    job.delivered = job.delivered or job.done
+    return JSONResponse(body)
 
 
 @router.get("/v1/jobs/{job_id}/events")
-async def job_events(job_id: str, services: ServicesDep, request: Request) -> StreamingResponse:
+async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> StreamingResponse:
     """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``."""
-    engine = ready_engine(services)
-    job = find_job(services, job_id)
+    engine = engine_for_reading(services)
+    job = find_job(services, job_id, caller)
 
     async def stream() -> AsyncIterator[str]:
         last = None
@@ -63,5 +76,6 @@ async def job_events(job_id: str, services: ServicesDep, request: Request) -> St
                 return
             await asyncio.sleep(EVENT_POLL_SECONDS)
         yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
+        job.delivered = True
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from app.api.access import authenticate
 from app.api.deps import ServicesDep
 from app.api.errors import APIError
 from app.api.schemas import ModelList, ModelOut
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authenticate)])  # any valid key
 
 
 def _out(services: ServicesDep, name: str) -> ModelOut:

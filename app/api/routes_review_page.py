@@ -1,6 +1,6 @@
 """The reviewer's web page: pending items with prompt, use and reasons, the held image, approve/reject.
 
-Server-rendered HTML, no front-end build. The reviewer signs in with a reviewer key, kept in an
+Server-rendered HTML, no front-end build. The reviewer signs in with a key that has the review role, kept in an
 HttpOnly, SameSite=Strict cookie; the forms post back here and redirect to the list.
 """
 
@@ -13,9 +13,11 @@ from urllib.parse import parse_qs
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 
-from app.api.deps import ServicesDep
+from app.api.access import REVIEWER_COOKIE, caller_for_key
+from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
-from app.api.routes_reviews import REVIEWER_COOKIE, reviewer_name, store
+from app.api.keys import Role
+from app.api.routes_reviews import store
 from app.gate import release
 from app.gate.review import Review, ReviewError
 
@@ -48,6 +50,11 @@ def item(r: Review) -> str:
         f'<form method="post" action="/review/{r.id}/reject"><input name="note" placeholder="reason">'
         f'<button name="decision" value="reject">Reject</button></form></div></div>'
     )
+
+
+def reviewer_name(services: Services, key: str) -> str | None:
+    caller = caller_for_key(services, key) if services.keys is not None else None
+    return caller.name if caller is not None and caller.may(Role.review) else None
 
 
 @router.get("/review")

@@ -1,6 +1,6 @@
 """Human review of held images: reviewers list, look, approve or reject; requesters fetch the result.
 
-Reviewer routes need ``Authorization: Bearer <key>`` with a key from IMAGEGEN_REVIEWER_KEYS. The
+Reviewer routes need a key with the review role; the result route, one with the generate role. The
 held image is shown to reviewers only; on approval it is labelled and signed by ``release()``.
 """
 
@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import hmac
 from dataclasses import asdict
-from typing import Annotated, Any
+from typing import Any
 
-from fastapi import APIRouter, Cookie, Depends, Header
+from fastapi import APIRouter
 from fastapi.responses import Response
 from pydantic import BaseModel
 
+from app.api.access import GenerateCaller, ReviewCaller
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.schemas import ImageOut
@@ -36,34 +36,6 @@ def store(services: Services) -> ReviewStore:
     return services.reviews
 
 
-REVIEWER_COOKIE = "imagegen_reviewer"
-
-
-def reviewer_name(services: Services, token: str) -> str | None:
-    for name, key in services.settings.reviewer_key_list().items():
-        if token and hmac.compare_digest(token.encode(), key.encode()):
-            return name
-    return None
-
-
-def reviewer(
-    services: ServicesDep,
-    authorization: Annotated[str | None, Header()] = None,
-    imagegen_reviewer: Annotated[str | None, Cookie()] = None,
-) -> str:
-    """The reviewer's name, from a Bearer key (API) or the review page's cookie."""
-    if not services.settings.reviewer_key_list():
-        raise APIError(403, "review_disabled", "no reviewer keys are configured (IMAGEGEN_REVIEWER_KEYS)")
-    token = (authorization or "").removeprefix("Bearer ").strip() or (imagegen_reviewer or "")
-    name = reviewer_name(services, token)
-    if name is None:
-        raise APIError(401, "invalid_reviewer_key", "a valid reviewer key is required")
-    return name
-
-
-ReviewerDep = Annotated[str, Depends(reviewer)]
-
-
 def review_out(r: Review) -> dict[str, Any]:
     out = asdict(r)
     out["record"] = r.record.as_dict()
@@ -78,7 +50,7 @@ async def call(fn: Any, *args: Any) -> Any:
 
 
 @router.get("/v1/reviews")
-async def list_reviews(services: ServicesDep, _: ReviewerDep, status: str = "pending") -> dict[str, Any]:
+async def list_reviews(services: ServicesDep, _: ReviewCaller, status: str = "pending") -> dict[str, Any]:
     if status not in ("pending", "approved", "rejected"):
         raise APIError(400, "invalid_value", "status must be pending, approved or rejected", "status")
     reviews = await call(store(services).find, status)
@@ -86,33 +58,33 @@ async def list_reviews(services: ServicesDep, _: ReviewerDep, status: str = "pen
 
 
 @router.get("/v1/reviews/{review_id}")
-async def get_review(review_id: str, services: ServicesDep, _: ReviewerDep) -> dict[str, Any]:
+async def get_review(review_id: str, services: ServicesDep, _: ReviewCaller) -> dict[str, Any]:
     reviews = store(services)
     review = await call(reviews.get, review_id)
     return {**review_out(review), "audit": await call(reviews.audit, review_id)}
 
 
 @router.get("/v1/reviews/{review_id}/image")
-async def held_image(review_id: str, services: ServicesDep, _: ReviewerDep) -> Response:
+async def held_image(review_id: str, services: ServicesDep, _: ReviewCaller) -> Response:
     png = await call(store(services).held_pixels, review_id)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/v1/reviews/{review_id}/approve")
-async def approve(review_id: str, services: ServicesDep, who: ReviewerDep) -> dict[str, Any]:
+async def approve(review_id: str, services: ServicesDep, who: ReviewCaller) -> dict[str, Any]:
     def labelled(pixels: Any, record: Any, fmt: str, compression: int | None) -> Any:
         return release(pixels, record, fmt, compression, services.signer)
 
-    return review_out(await call(store(services).approve, review_id, who, labelled))
+    return review_out(await call(store(services).approve, review_id, who.name, labelled))
 
 
 @router.post("/v1/reviews/{review_id}/reject")
-async def reject(review_id: str, services: ServicesDep, who: ReviewerDep, body: Decision | None = None) -> dict:
-    return review_out(await call(store(services).reject, review_id, who, body.note if body else ""))
+async def reject(review_id: str, services: ServicesDep, who: ReviewCaller, body: Decision | None = None) -> dict:
+    return review_out(await call(store(services).reject, review_id, who.name, body.note if body else ""))
 
 
 @router.get("/v1/reviews/{review_id}/result")
-async def result(review_id: str, services: ServicesDep) -> dict[str, Any]:
+async def result(review_id: str, services: ServicesDep, _: GenerateCaller) -> dict[str, Any]:
     """For the requester: the labelled, signed image once approved (the review id is the capability)."""
     review, data = await call(store(services).released, review_id)
     out = ImageOut.from_held_approved(review.record, review.id, base64.b64encode(data).decode(), review.released_sha256)

@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 
+from app.api.access import authenticate
 from app.api.errors import APIError
 from app.gate.verify import NotAnImage, verify
 
-router = APIRouter()
+router = APIRouter(dependencies=[Depends(authenticate)])  # any valid key
 MAX_BYTES = 20 * 1024 * 1024
 
 

@@ -63,15 +63,23 @@ class JobStats:
     sampler: str
     images: int
     outcome: str  # succeeded | cancelled | deadline_exceeded | failed
-    queue_seconds: float | None  # submit → first step
+    queue_seconds: float | None  # submit → first step starts
+    first_step_seconds: float | None  # submit → first step done
     total_seconds: float
-    decode_seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    model: str
+    images: int
+    seconds: float
 
 
 @dataclass
 class EngineObserver:
     on_step: Callable[[StepStats], None] = lambda _: None
     on_job: Callable[[JobStats], None] = lambda _: None
+    on_decode: Callable[[DecodeStats], None] = lambda _: None
 
 
 def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
@@ -113,6 +121,7 @@ class ModelEngine:
         self._inbox: list[Job] = []
         self._active: dict[str, Job] = {}
         self._stopping = False
+        self._releasing = 0  # jobs handed to the release pool and not yet resolved
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
         self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
 
@@ -154,10 +163,17 @@ class ModelEngine:
                 return len({id(r.job) for r in self.scheduler.waiting}) + self._inbox.index(job)
             return self.scheduler.queue_position(job)
 
-    def load(self) -> tuple[int, int]:
-        """(images waiting, rows running) for the metrics."""
+    def load(self) -> tuple[int, int, int]:
+        """(images waiting, requests waiting, rows running) for the metrics."""
         with self._cv:
-            return self.scheduler.queued_images + sum(j.request.n for j in self._inbox), self.scheduler.running_rows
+            images = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
+            requests = len({id(r.job) for r in self.scheduler.waiting}) + len(self._inbox)
+            return images, requests, self.scheduler.running_rows
+
+    def idle(self) -> bool:
+        """Nothing accepted is unfinished: no queued or running rows, no images being released."""
+        with self._cv:
+            return not self._inbox and not self._active and self._releasing == 0
 
     # ---- the engine thread -----------------------------------------------------------------
     def warm_up(self) -> None:
@@ -196,6 +212,10 @@ class ModelEngine:
                     row.job.first_step_at, row.job.state = now, "running"
             try:
                 result = self.runner.run(batch)
+                stepped = time.monotonic()
+                for row in batch.rows:
+                    if row.job is not None and row.job.first_step_done_at is None:
+                        row.job.first_step_done_at = stepped
             except Exception as exc:  # a failed forward fails the jobs in it, not the engine
                 log.exception("step failed on %s", self.model.name)
                 for job in {id(r.job): r.job for r in batch.rows if r.job is not None}.values():
@@ -267,17 +287,25 @@ class ModelEngine:
             for job in done:
                 self._fail(job, exc, "failed")
             return
-        decode_seconds = time.perf_counter() - started
+        self.observer.on_decode(DecodeStats(self.model.name, len(pixels), time.perf_counter() - started))
         offset = 0
         for job in done:
             with self._cv:
                 self._active.pop(job.id, None)
+                self._releasing += 1
             images = pixels[offset : offset + job.request.n]
             offset += job.request.n
             # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
-            self._release_pool.submit(self._release, job, images, decode_seconds)
+            self._release_pool.submit(self._release, job, images)
 
-    def _release(self, job: Job, pixels: np.ndarray, decode_seconds: float) -> None:
+    def _release(self, job: Job, pixels: np.ndarray) -> None:
+        try:
+            self._release_images(job, pixels)
+        finally:
+            with self._cv:
+                self._releasing -= 1
+
+    def _release_images(self, job: Job, pixels: np.ndarray) -> None:
         req = job.request
         images: list[ReleasedImage | HeldForReview] = []
         try:
@@ -300,14 +328,15 @@ class ModelEngine:
             self._fail(job, exc, "failed")
             return
         job.state, job.finished_at = "succeeded", time.monotonic()
-        self.observer.on_job(self._job_stats(job, "succeeded", decode_seconds))
+        self.observer.on_job(self._job_stats(job, "succeeded"))
         if not job.future.done():
             job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
 
-    def _job_stats(self, job: Job, outcome: str, decode_seconds: float = 0.0) -> JobStats:
+    def _job_stats(self, job: Job, outcome: str) -> JobStats:
         queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at
+        first = None if job.first_step_done_at is None else job.first_step_done_at - job.submitted_at
         total = (job.finished_at or time.monotonic()) - job.submitted_at
-        return JobStats(self.model.name, job.request.sampler, job.request.n, outcome, queue, total, decode_seconds)
+        return JobStats(self.model.name, job.request.sampler, job.request.n, outcome, queue, first, total)
 
 
 class Engine:
@@ -335,6 +364,9 @@ class Engine:
     @property
     def ready(self) -> bool:
         return bool(self.workers) and all(w.ready.is_set() for w in self.workers.values())
+
+    def idle(self) -> bool:
+        return all(w.idle() for w in self.workers.values())
 
     def submit(self, request: GenerationRequest) -> Job:
         return self.workers[request.model].submit(request)

@@ -42,6 +42,12 @@ class JobStore:
             if job.done:
                 del self._jobs[job_id]
 
+    def undelivered(self) -> int:
+        """Finished async jobs whose result no client has fetched yet (kept until their TTL)."""
+        with self._lock:
+            self._prune(self.max_jobs)
+            return sum(1 for job in self._jobs.values() if job.done and not job.delivered)
+
     def has_room(self) -> bool:
         """Unfinished jobs are never dropped: refuse new ones when they alone fill the store."""
         with self._lock:

@@ -76,8 +76,11 @@ class Job:
     created: int = field(default_factory=lambda: int(time.time()))
     submitted_at: float = field(default_factory=time.monotonic)
     first_step_at: float | None = None
+    first_step_done_at: float | None = None
     finished_at: float | None = None
     error: str | None = None
+    owner: str | None = None  # the API key's name; other keys cannot see the job
+    delivered: bool = False  # the result reached the client (a drain waits for this)
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

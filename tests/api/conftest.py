@@ -8,9 +8,10 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import wait_ready
+from tests.helpers import wait_ready, write_key_file
 
 REVIEWER_KEY = "reviewer-secret"
+ADMIN_KEY = "admin-secret"  # the shared client sends it unless a test sets its own Authorization
 
 
 @pytest.fixture(scope="package")
@@ -20,8 +21,11 @@ def client(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         default_model="tiny-eps",
         max_pixels=64 * 64,
         state_dir=tmp_path_factory.mktemp("state"),
-        reviewer_keys=f"alice:{REVIEWER_KEY},bob:other-secret",
+        api_keys_file=write_key_file(
+            tmp_path_factory.mktemp("keys") / "keys.toml",
+            {"alice": (REVIEWER_KEY, ["review"]), "bob": ("other-secret", ["review"]), "ops": (ADMIN_KEY, ["admin"])},
+        ),
     )
-    with TestClient(create_app(settings)) as c:
+    with TestClient(create_app(settings), headers={"Authorization": f"Bearer {ADMIN_KEY}"}) as c:
         wait_ready(c)
         yield c

@@ -25,7 +25,7 @@ def test_no_pixels_before_approval_then_labelled_and_signed(client: TestClient) 
     (review_id,) = held(client)
     assert client.get(f"/v1/reviews/{review_id}/result").json()["error"]["code"] == "review_pending"
     assert client.get(f"/v1/reviews/{review_id}/image", headers={"Authorization": "Bearer wrong"}).status_code == 401
-    assert client.get(f"/v1/reviews/{review_id}/image").status_code == 401
+    assert client.get(f"/v1/reviews/{review_id}/image", headers={"Authorization": ""}).status_code == 401
     shown = client.get(f"/v1/reviews/{review_id}/image", headers=AUTH)
     assert shown.status_code == 200 and shown.headers["content-type"] == "image/png"
     pending = client.get("/v1/reviews", headers=AUTH).json()["data"]

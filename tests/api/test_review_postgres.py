@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import wait_ready
+from tests.helpers import wait_ready, write_key_file
 from tests.postgres import postgres_server
 
 AUTH = {"Authorization": "Bearer pg-key"}
@@ -23,8 +23,9 @@ def database() -> Iterator[str]:
 
 
 def replica(models: Path, url: str, state: Path) -> TestClient:
-    settings = Settings(models_dir=models, database_url=url, reviewer_keys="dana:pg-key", state_dir=state)
-    return TestClient(create_app(settings))
+    keys = write_key_file(state / "keys.toml", {"dana": ("pg-key", ["review", "generate"])})
+    settings = Settings(models_dir=models, database_url=url, api_keys_file=keys, state_dir=state)
+    return TestClient(create_app(settings), headers=AUTH)
 
 
 def test_two_replicas_share_the_review_queue(

@@ -15,18 +15,21 @@ from selenium.webdriver.common.by import By
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
-from tests.helpers import running_server
+from tests.helpers import running_server, write_key_file
 
 REPO = Path(__file__).resolve().parents[2]
 KEY = "page-reviewer-key"
+SHOP_KEY = "page-shop-key"
+SHOP = {"Authorization": f"Bearer {SHOP_KEY}"}
 
 
 @pytest.fixture(scope="module")
 def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    keys = {"carol": (KEY, ["review"]), "shop": (SHOP_KEY, ["generate"])}
     env = {
         "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
         "IMAGEGEN_STATE_DIR": str(tmp_path_factory.mktemp("state")),
-        "IMAGEGEN_REVIEWER_KEYS": f"carol:{KEY}",
+        "IMAGEGEN_API_KEYS_FILE": str(write_key_file(tmp_path_factory.mktemp("keys") / "keys.toml", keys)),
         "IMAGEGEN_TORCH_THREADS": "1",
     }
     with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
@@ -48,7 +51,10 @@ def browser(tmp_path_factory: pytest.TempPathFactory) -> Iterator[webdriver.Chro
 
 def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> None:
     body = {"model": "tiny-eps", "prompt": "mug, SKU 88-1234-X", "num_inference_steps": 2, "n": 2, "seed": 1}
-    ids = [d["review_id"] for d in httpx.post(f"{server}/v1/images/generations", json=body, timeout=60).json()["data"]]
+    ids = [
+        d["review_id"]
+        for d in httpx.post(f"{server}/v1/images/generations", json=body, timeout=60, headers=SHOP).json()["data"]
+    ]
     browser.get(f"{server}/review")
     browser.find_element(By.NAME, "key").send_keys(KEY)
     browser.find_element(By.TAG_NAME, "button").click()
@@ -71,9 +77,9 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     wait.until(ec.staleness_of(reject))
     assert wait.until(ec.presence_of_element_located((By.ID, "empty"))).text == "Nothing is waiting for review."
 
-    approved = httpx.get(f"{server}/v1/reviews/{ids[0]}/result")
+    approved = httpx.get(f"{server}/v1/reviews/{ids[0]}/result", headers=SHOP)
     assert approved.status_code == 200 and approved.json()["data"][0]["b64_json"]
-    assert httpx.get(f"{server}/v1/reviews/{ids[1]}/result").status_code == 410
+    assert httpx.get(f"{server}/v1/reviews/{ids[1]}/result", headers=SHOP).status_code == 410
     rejected = httpx.get(f"{server}/v1/reviews/{ids[1]}", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert rejected["reviewer"] == "carol" and rejected["note"] == "real SKU shown"
 

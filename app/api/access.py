@@ -1,0 +1,73 @@
+"""Who may call what: FastAPI dependencies over the key ring and the per-key quotas.
+
+Without a key file the service is open for generation (a laptop, a test) and review is off. With one,
+every route but the probes and /metrics needs ``Authorization: Bearer <key>`` (the review page keeps
+the key in its cookie), and each route family needs a role.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Annotated
+
+from fastapi import Cookie, Depends, Header, Request
+
+from app.api.deps import Services, ServicesDep
+from app.api.errors import APIError
+from app.api.keys import Caller, Role
+from app.api.quotas import QuotaExceeded
+
+ANONYMOUS = Caller("anonymous", frozenset({Role.generate}))
+REVIEWER_COOKIE = "imagegen_reviewer"
+
+
+def caller_for_key(services: Services, key: str) -> Caller | None:
+    if services.keys is None:
+        return ANONYMOUS
+    return services.keys.caller(key)
+
+
+def authenticate(
+    request: Request,
+    services: ServicesDep,
+    authorization: Annotated[str | None, Header()] = None,
+    imagegen_reviewer: Annotated[str | None, Cookie()] = None,
+) -> Caller:
+    token = (authorization or "").removeprefix("Bearer ").strip() or (imagegen_reviewer or "")
+    caller = caller_for_key(services, token)
+    if caller is None:
+        raise APIError(401, "invalid_api_key", "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
+    request.state.caller = caller.name  # for the access log
+    return caller
+
+
+CallerDep = Annotated[Caller, Depends(authenticate)]
+
+
+def require(role: Role) -> Callable[[Services, Caller], Caller]:
+    def check(services: ServicesDep, caller: CallerDep) -> Caller:
+        if role is Role.review and services.keys is None:
+            raise APIError(403, "review_disabled", "review needs API keys (IMAGEGEN_API_KEYS_FILE)")
+        if not caller.may(role):
+            raise APIError(403, "insufficient_role", f"this key lacks the {role.value!r} role")
+        return caller
+
+    return check
+
+
+GenerateCaller = Annotated[Caller, Depends(require(Role.generate))]
+ReviewCaller = Annotated[Caller, Depends(require(Role.review))]
+
+
+def charge(services: Services, caller: Caller) -> Callable[[], None]:
+    """Count one generation against the caller's quotas; the returned release ends the charge."""
+    try:
+        return services.quotas.acquire(caller.name, caller.requests_per_minute, caller.max_concurrent)
+    except QuotaExceeded as exc:
+        services.metrics.quota_rejections.labels(caller.name, exc.reason).inc()
+        message = {
+            "rate_limit": f"key {caller.name!r} is over its rate of {caller.requests_per_minute:g} requests/minute",
+            "concurrency": f"key {caller.name!r} already has {caller.max_concurrent} unfinished generations",
+        }[exc.reason]
+        code = "rate_limited" if exc.reason == "rate_limit" else "too_many_concurrent_requests"
+        raise APIError(429, code, message, headers={"Retry-After": f"{exc.retry_after:.0f}"}) from exc

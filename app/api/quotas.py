@@ -1,0 +1,66 @@
+"""Per-key quotas on generation: a token bucket for the request rate and a count of unfinished jobs.
+
+Counted per replica: with N replicas behind a load balancer a key gets up to N times its quota.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+
+@dataclass
+class _Bucket:
+    tokens: float
+    updated: float
+
+
+class QuotaExceeded(Exception):
+    def __init__(self, reason: str, retry_after: float) -> None:
+        super().__init__(reason)
+        self.reason = reason  # rate_limit | concurrency
+        self.retry_after = retry_after
+
+
+class Quotas:
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._buckets: dict[str, _Bucket] = {}
+        self._running: dict[str, int] = {}
+
+    def acquire(self, key: str, requests_per_minute: float, max_concurrent: int) -> Callable[[], None]:
+        """Charge one generation request to ``key``; returns the release to call when its job ends."""
+        with self._lock:
+            if max_concurrent and self._running.get(key, 0) >= max_concurrent:
+                raise QuotaExceeded("concurrency", 1.0)
+            if requests_per_minute:
+                self._take_token(key, requests_per_minute)
+            self._running[key] = self._running.get(key, 0) + 1
+        released = False
+
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if not released:
+                    released = True
+                    self._running[key] -= 1
+
+        return release
+
+    def running(self, key: str) -> int:
+        with self._lock:
+            return self._running.get(key, 0)
+
+    def _take_token(self, key: str, per_minute: float) -> None:
+        now, rate = self._clock(), per_minute / 60.0
+        capacity = max(1.0, per_minute / 6.0)  # bursts of up to 10 s worth of requests
+        bucket = self._buckets.setdefault(key, _Bucket(capacity, now))
+        bucket.tokens = min(capacity, bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < 1.0:
+            raise QuotaExceeded("rate_limit", math.ceil((1.0 - bucket.tokens) / rate))
+        bucket.tokens -= 1.0
