@@ -21,6 +21,7 @@ serve: $(STAMP)
 	$(PY) -m app serve
 
 test: $(STAMP)
+	tests/system_packages.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)

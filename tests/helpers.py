@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -74,9 +75,29 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+@dataclass
+class ServerProcess:
+    proc: subprocess.Popen[bytes]
+    base: str
+    log: Path
+
+
+def wait_until_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout: float = 120.0) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        assert proc.poll() is None, log.read_text()
+        try:
+            if httpx.get(url).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+
+
 @contextmanager
-def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[str]:
-    """`python -m app serve` as a real process on a free port; yields its base URL once /readyz is 200."""
+def server_process(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[ServerProcess]:
+    """`python -m app serve` as a real process on a free port, once /readyz is 200 (on the metrics port if set)."""
     port = free_port()
     env = {
         "IMAGEGEN_DRAIN_SECONDS": "10",
@@ -89,17 +110,16 @@ def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> It
         proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + timeout
-        while True:
-            assert proc.poll() is None, log.read_text()
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, log.read_text()
-            time.sleep(0.2)
-        yield base
+        probe_port = env.get("IMAGEGEN_METRICS_PORT", str(port))
+        wait_until_ready(f"http://127.0.0.1:{probe_port}/readyz", proc, log, timeout)
+        yield ServerProcess(proc, base, log)
     finally:
-        proc.terminate()
+        if proc.poll() is None:
+            proc.terminate()
         proc.wait(timeout=30)
+
+
+@contextmanager
+def running_server(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[str]:
+    with server_process(env, log, timeout) as server:
+        yield server.base

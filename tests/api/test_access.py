@@ -1,0 +1,136 @@
+"""API keys with roles and quotas, driven over HTTP against an app with a key file."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from app.api.keys import KeyFileError, KeyRing, Role
+from app.main import create_app
+from app.settings import Settings
+from tests.helpers import REPO, wait_ready, write_key_file
+
+KEYS = {
+    "shop": ("shop-key", ["generate"]),
+    "other-shop": ("other-shop-key", ["generate"]),
+    "reviewer": ("review-key", ["review"]),
+    "ops": ("admin-key", ["admin"]),
+}
+QUICK = {"model": "tiny-eps", "prompt": "a mug", "num_inference_steps": 2}
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def client(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
+    keys = tmp_path_factory.mktemp("keys")
+    write_key_file(keys / "keys.toml", KEYS, requests_per_minute=6000, max_concurrent=1)
+    settings = Settings(
+        models_dir=tiny_models_dir, state_dir=tmp_path_factory.mktemp("state"), api_keys_file=keys / "keys.toml"
+    )
+    with TestClient(create_app(settings)) as c:
+        wait_ready(c)
+        yield c
+
+
+def test_only_probes_and_metrics_work_without_a_key(client: TestClient) -> None:
+    for path in ("/healthz", "/readyz", "/metrics"):
+        assert client.get(path).status_code == 200, path
+    closed = [
+        ("POST", "/v1/images/generations"), ("GET", "/v1/models"), ("GET", "/v1/models/tiny-eps"),
+        ("GET", "/v1/jobs/x"), ("DELETE", "/v1/jobs/x"), ("GET", "/v1/jobs/x/events"), ("GET", "/v1/reviews"),
+        ("GET", "/v1/reviews/x"), ("GET", "/v1/reviews/x/image"), ("POST", "/v1/reviews/x/approve"),
+        ("POST", "/v1/reviews/x/reject"), ("GET", "/v1/reviews/x/result"), ("POST", "/v1/verify"),
+    ]  # fmt: skip
+    for method, path in closed:
+        for headers in ({}, bearer("not-a-key")):
+            r = client.request(method, path, headers=headers, json=QUICK if method == "POST" else None)
+            assert r.status_code == 401, (method, path, r.text)
+            assert r.json()["error"]["code"] == "invalid_api_key"
+            assert r.headers["WWW-Authenticate"] == "Bearer"
+
+
+def test_roles(client: TestClient) -> None:
+    r = client.post("/v1/images/generations", json=QUICK, headers=bearer("shop-key"))
+    assert r.status_code == 200, r.text
+    assert client.get("/v1/models", headers=bearer("review-key")).status_code == 200  # any key may list models
+    for path in ("/v1/reviews", "/v1/reviews/x", "/v1/reviews/x/image"):
+        r = client.get(path, headers=bearer("shop-key"))
+        assert r.status_code == 403 and r.json()["error"]["code"] == "insufficient_role", path
+    assert client.post("/v1/reviews/x/approve", headers=bearer("shop-key")).status_code == 403
+    refused = client.post("/v1/images/generations", json=QUICK, headers=bearer("review-key"))
+    assert refused.status_code == 403 and refused.json()["error"]["code"] == "insufficient_role"
+    assert client.get("/v1/reviews", headers=bearer("review-key")).status_code == 200
+    assert client.get("/v1/reviews", headers=bearer("admin-key")).status_code == 200  # admin may do anything
+    assert client.post("/v1/images/generations", json=QUICK, headers=bearer("admin-key")).status_code == 200
+
+
+def test_a_job_is_visible_to_its_own_key_only(client: TestClient) -> None:
+    r = client.post("/v1/images/generations", json=QUICK, headers={**bearer("shop-key"), "Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    location = r.headers["Location"]
+    assert client.get(location, headers=bearer("other-shop-key")).status_code == 404
+    assert client.delete(location, headers=bearer("other-shop-key")).status_code == 404
+    deadline = time.monotonic() + 60
+    while (body := client.get(location, headers=bearer("shop-key")).json())["status"] != "succeeded":
+        assert time.monotonic() < deadline, body
+        time.sleep(0.05)
+    assert client.get(location, headers=bearer("admin-key")).status_code == 200
+
+
+def test_concurrency_quota(client: TestClient) -> None:
+    slow = {**QUICK, "num_inference_steps": 150, "n": 10}  # seconds of work: still running at the next request
+    first = client.post(
+        "/v1/images/generations", json=slow, headers={**bearer("other-shop-key"), "Prefer": "respond-async"}
+    )
+    assert first.status_code == 202
+    second = client.post("/v1/images/generations", json=QUICK, headers=bearer("other-shop-key"))
+    assert second.status_code == 429, second.text
+    assert second.json()["error"]["code"] == "too_many_concurrent_requests"
+    assert int(second.headers["Retry-After"]) >= 1
+    assert client.post("/v1/images/generations", json=QUICK, headers=bearer("shop-key")).status_code == 200  # per key
+    client.delete(first.headers["Location"], headers=bearer("other-shop-key"))  # ends the first job: the slot frees
+    assert client.post("/v1/images/generations", json=QUICK, headers=bearer("other-shop-key")).status_code == 200
+    metrics = client.get("/metrics").text
+    assert 'imagegen_quota_rejections_total{key="other-shop",reason="concurrency"} 1.0' in metrics
+
+
+def test_rate_limit(tiny_models_dir: Path, tmp_path: Path) -> None:
+    keys = write_key_file(tmp_path / "keys.toml", {"slow": ("slow-key", ["generate"])}, requests_per_minute=3)
+    settings = Settings(models_dir=tiny_models_dir, state_dir=tmp_path, api_keys_file=keys)
+    with TestClient(create_app(settings), headers=bearer("slow-key")) as c:
+        wait_ready(c)
+        assert c.post("/v1/images/generations", json=QUICK).status_code == 200  # a burst of one (3/min)
+        r = c.post("/v1/images/generations", json=QUICK)
+        assert r.status_code == 429 and r.json()["error"]["code"] == "rate_limited"
+        assert 1 <= int(r.headers["Retry-After"]) <= 20
+        assert c.get("/v1/models").status_code == 200  # only generation is rate limited
+
+
+def test_new_key_command_writes_an_entry_the_key_ring_accepts(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "app", "new-key", "--name", "shop", "--role", "generate", "--role", "review"],
+        cwd=REPO, capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    key = out.stderr.strip().rsplit(" ", 1)[-1]
+    (tmp_path / "keys.toml").write_text(out.stdout)
+    assert key not in out.stdout  # only the hash is written down
+    caller = KeyRing.load(tmp_path / "keys.toml").caller(key)
+    assert caller is not None and caller.name == "shop" and caller.may(Role.review) and not caller.may(Role.admin)
+
+
+def test_a_broken_key_file_stops_the_start(tmp_path: Path) -> None:
+    (tmp_path / "keys.toml").write_text('[[key]]\nname = "x"\nsha256 = "not-hex"\nroles = ["generate"]\n')
+    with pytest.raises(KeyFileError, match="entry 1"):
+        create_app(Settings(models_dir=tmp_path, api_keys_file=tmp_path / "keys.toml"))
+    (tmp_path / "keys.toml").write_text('[[key]]\nname = "x"\nsha256 = "' + "0" * 64 + '"\nroles = ["superuser"]\n')
+    with pytest.raises(KeyFileError):
+        KeyRing.load(tmp_path / "keys.toml")

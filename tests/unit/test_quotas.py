@@ -1,0 +1,54 @@
+"""Per-key quotas with a hand-driven clock: the token bucket refills at the key's rate, slots free on release."""
+
+from __future__ import annotations
+
+import pytest
+
+from app.api.quotas import QuotaExceeded, Quotas
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def test_rate_limit_bursts_then_refills() -> None:
+    clock = Clock()
+    q = Quotas(clock)
+    for _ in range(10):  # 60/min → a burst of 10 s worth
+        q.acquire("k", 60, 0)()
+    with pytest.raises(QuotaExceeded) as exc:
+        q.acquire("k", 60, 0)
+    assert exc.value.reason == "rate_limit" and exc.value.retry_after == 1
+    clock.now += 1.0
+    q.acquire("k", 60, 0)()  # one token back after a second
+    q.acquire("other", 60, 0)()  # keys do not share buckets
+
+
+def test_concurrency_slots_free_on_release_once() -> None:
+    q = Quotas(Clock())
+    first = q.acquire("k", 0, 2)
+    second = q.acquire("k", 0, 2)
+    with pytest.raises(QuotaExceeded) as exc:
+        q.acquire("k", 0, 2)
+    assert exc.value.reason == "concurrency"
+    first()
+    first()  # a second release of the same charge frees nothing more
+    assert q.running("k") == 1
+    q.acquire("k", 0, 2)
+    second()
+    assert q.running("k") == 1
+
+
+def test_a_refused_request_costs_no_token() -> None:
+    clock = Clock()
+    q = Quotas(clock)
+    hold = q.acquire("k", 6, 1)  # burst of one
+    with pytest.raises(QuotaExceeded, match="concurrency"):
+        q.acquire("k", 6, 1)
+    hold()
+    clock.now += 10.0  # one token per 10 s
+    q.acquire("k", 6, 1)
