@@ -87,7 +87,7 @@ EXPOSE 8000 9000
 # (`docker stop -t 75`, compose's stop_grace_period).
 STOPSIGNAL SIGTERM
 # Liveness only: /healthz answers while models are still loading (readiness is /readyz, for load balancers).
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --retries=3 CMD ["python", "-m", "app", "probe"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --start-interval=2s --retries=3 CMD ["python", "-m", "app", "probe"]
 
 # tini is PID 1: it forwards SIGTERM to Python (which handles it itself) and reaps any orphaned child processes
 # (torch's compile workers, for one), which a Python PID 1 would leave as zombies.

@@ -40,6 +40,7 @@ def configure(level: str, fmt: str) -> None:
             JsonFormatter(
                 "{asctime}{levelname}{name}{message}{request_id}",
                 style="{",
+                datefmt="%Y-%m-%dT%H:%M:%S%z",
                 rename_fields={"asctime": "time", "levelname": "level", "name": "logger"},
             )
         )

@@ -6,6 +6,7 @@ and /readyz turns true only when every loaded model has run its warm-up step.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import threading
 from collections.abc import AsyncIterator, Callable
@@ -74,6 +75,8 @@ def load_and_start(services: Services) -> None:
         return
     services.models = {m.name: m for m in models}
     services.failures = failures
+    if services.draining:  # told to stop while loading: do not start what would only be stopped
+        return
     if not models:
         log.error("no model could be loaded from %s", settings.models_dir)
         return
@@ -136,11 +139,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         loader = threading.Thread(target=load_and_start, args=(services,), name="model-loader", daemon=True)
         loader.start()
         yield
-        loader.join()
+        # Off the event loop, so the ops port keeps answering; a load still running is abandoned (daemon).
+        await asyncio.to_thread(loader.join, 5)
         if services.engine is not None:
-            services.engine.stop(timeout=30)
+            await asyncio.to_thread(services.engine.stop, 30)
 
-    app = FastAPI(title="imagegen", version=__version__, lifespan=lifespan)
+    closed = services.keys is not None  # with keys, nothing but probes and metrics answers without one
+    app = FastAPI(
+        title="imagegen",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url=None if closed else "/docs",
+        redoc_url=None if closed else "/redoc",
+        openapi_url=None if closed else "/openapi.json",
+    )
     app.state.services = services
     install_error_handlers(app)
     routers = (

@@ -125,7 +125,12 @@ class Metrics:
             "imagegen_c2pa_sign_seconds", "Signing one image's C2PA manifest.", buckets=STEP_BUCKETS, registry=r
         )
         self.jobs = Counter("imagegen_jobs_total", "Generation jobs by outcome.", ["model", "outcome"], registry=r)
-        self.images = Counter("imagegen_images_total", "Images released.", ["model", "sampler"], registry=r)
+        self.images = Counter(
+            "imagegen_images_total",
+            "Images generated (released, or held for review).",
+            ["model", "sampler"],
+            registry=r,
+        )
         self.gate_decisions = Counter(
             "imagegen_gate_decisions_total", "Release-policy decisions on requests.", ["outcome"], registry=r
         )

@@ -50,8 +50,10 @@ class DrainingServer(uvicorn.Server):
         await super().startup(sockets)
 
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        if self.services.draining or self._loop is None:
+        if self.services.draining or self._loop is None:  # a second signal, or one before start-up: go now
             self.force_exit = self.should_exit = True
+            self.config.timeout_graceful_shutdown = 0  # do not wait for open connections either
+            self._captured_signals.append(sig)  # re-raised after shutdown: the exit status says "killed"
             for other in self.companions:
                 other.should_exit = True
             return
@@ -66,8 +68,12 @@ class DrainingServer(uvicorn.Server):
         log.info("%s: draining for up to %.0fs", why, self.drain_seconds, extra={"event": "drain_started"})
         while unfinished_work(self.services) and time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS)
-        left = unfinished_work(self.services)
-        log.info("drained" if not left else "drain period over with work left", extra={"event": "drain_done"})
+        if unfinished_work(self.services):
+            log.warning("drain period over: cancelling the work left", extra={"event": "drain_done"})
+            if self.services.engine is not None:
+                self.services.engine.cancel_all()  # the engine stops at its next step instead of finishing
+        else:
+            log.info("drained", extra={"event": "drain_done"})
         # Responses already being written get the rest of the grace period (uvicorn waits for them).
         self.config.timeout_graceful_shutdown = max(1, int(deadline - time.monotonic()))
         self.should_exit = True

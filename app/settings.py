@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -56,6 +56,12 @@ class Settings(BaseSettings):
     c2pa_tsa_url: str | None = Field(None, description="RFC 3161 time-stamp authority for C2PA signatures.")
     log_level: str = Field("info", description="Python log level.")
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line, with request ids.")
+
+    @model_validator(mode="after")
+    def _ports_differ(self) -> Settings:
+        if self.metrics_port == self.port:
+            raise ValueError("IMAGEGEN_METRICS_PORT must differ from IMAGEGEN_PORT")
+        return self
 
     def review_database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'reviews.sqlite3'}"

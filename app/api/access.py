@@ -33,7 +33,12 @@ def authenticate(
     authorization: Annotated[str | None, Header()] = None,
     imagegen_reviewer: Annotated[str | None, Cookie()] = None,
 ) -> Caller:
-    token = (authorization or "").removeprefix("Bearer ").strip() or (imagegen_reviewer or "")
+    scheme, _, bearer = (authorization or "").partition(" ")
+    token = bearer.strip() if scheme.lower() == "bearer" else ""
+    # The review page's cookie signs in only reads (its <img> tags): a state change needs the header,
+    # so no page of the same site (another port, a sibling subdomain) can post one with the cookie.
+    if not token and request.method in ("GET", "HEAD"):
+        token = imagegen_reviewer or ""
     caller = caller_for_key(services, token)
     if caller is None:
         raise APIError(401, "invalid_api_key", "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})

@@ -63,17 +63,24 @@ class KeyRing:
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise KeyFileError(f"cannot read the API key file {path}: {exc}") from exc
         by_hash: dict[str, Caller] = {}
+        names: set[str] = set()
         for i, e in enumerate(entries):
             try:
                 digest = str(e["sha256"]).lower()
                 if len(digest) != 64 or any(c not in "0123456789abcdef" for c in digest):
                     raise ValueError("sha256 must be 64 hex digits")
-                by_hash[digest] = Caller(
+                caller = Caller(
                     name=str(e["name"]),
                     roles=frozenset(Role(r) for r in e["roles"]),
                     requests_per_minute=float(e.get("requests_per_minute", 0)),
                     max_concurrent=int(e.get("max_concurrent", 0)),
                 )
+                if caller.requests_per_minute < 0 or caller.max_concurrent < 0:
+                    raise ValueError("quotas must be ≥ 0 (0 = unlimited)")
+                if digest in by_hash or caller.name in names:  # names own jobs and quotas: one key each
+                    raise ValueError(f"duplicate key or name {caller.name!r}")
+                by_hash[digest] = caller
+                names.add(caller.name)
             except (KeyError, ValueError, TypeError) as exc:
                 raise KeyFileError(f"{path}: key entry {i + 1} is invalid: {exc}") from exc
         return cls(by_hash)

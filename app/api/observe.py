@@ -17,6 +17,7 @@ from app.metrics import Metrics
 
 access_log = logging.getLogger("imagegen.access")
 QUIET_PATHS = frozenset({"/healthz", "/readyz", "/metrics"})  # probed every few seconds: not worth a line
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})  # others: one "other" series
 
 
 class ObserveRequests:
@@ -44,7 +45,8 @@ class ObserveRequests:
         finally:
             seconds = time.perf_counter() - started
             route = getattr(scope.get("route"), "path", "unmatched")
-            self.metrics.observe_request(route, scope["method"], status, seconds)
+            method = scope["method"] if scope["method"] in METHODS else "other"
+            self.metrics.observe_request(route, method, status, seconds)
             if scope["path"] not in QUIET_PATHS or status >= 400:
                 caller = scope.get("state", {}).get("caller")  # set by app.api.access
                 access_log.info(

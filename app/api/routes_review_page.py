@@ -33,7 +33,7 @@ def page(body: str) -> HTMLResponse:
     return HTMLResponse(
         f"<!doctype html><html><head><meta charset=utf-8><title>imagegen review</title><style>{STYLE}</style>"
         f"</head><body><h1>Images held for review</h1>{body}</body></html>",
-        headers={"Cache-Control": "no-store"},
+        headers={"Cache-Control": "no-store", "X-Frame-Options": "DENY"},  # no clickjacking of the buttons
     )
 
 
@@ -78,8 +78,20 @@ async def login(request: Request, services: ServicesDep) -> Response:
     return response
 
 
+def same_origin(request: Request) -> bool:
+    """The page's forms post from the page itself; anything else carrying the cookie is refused (CSRF).
+    Browsers send Sec-Fetch-Site (and Origin) on form posts; a client that sends neither is not a browser."""
+    site = request.headers.get("sec-fetch-site")
+    if site is not None:
+        return site == "same-origin"
+    origin = request.headers.get("origin")
+    return origin is None or origin.split("://", 1)[-1] == request.headers.get("host")
+
+
 @router.post("/review/{review_id}/{decision}")
 async def decide(review_id: str, decision: str, request: Request, services: ServicesDep) -> Response:
+    if not same_origin(request):
+        raise APIError(403, "cross_origin_form", "review decisions are posted from the review page only")
     who = reviewer_name(services, request.cookies.get(REVIEWER_COOKIE, ""))
     if who is None:
         raise APIError(401, "invalid_reviewer_key", "sign in at /review first")

@@ -32,6 +32,7 @@ class ImageGenerationBody(BaseModel):
     negative_prompt: str | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
+    guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="φ of Lin et al. 2023 (0 = off)")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
     sampler: str | None = None
     eta: float | None = Field(None, ge=0.0, le=1.0)
@@ -46,6 +47,7 @@ class GenerationRecordOut(BaseModel):
     sampler: str
     steps: int
     guidance_scale: float
+    guidance_rescale: float
     seed: int
     eta: float
     width: int

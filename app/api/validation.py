@@ -86,6 +86,7 @@ def resolve(
         height=height,
         steps=steps,
         guidance_scale=float(guidance),
+        guidance_rescale=float(body.guidance_rescale if body.guidance_rescale is not None else d.guidance_rescale),
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         sampler=sampler,
         eta=float(body.eta or 0.0),

@@ -91,6 +91,7 @@ def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
         sampler=req.sampler,
         steps=req.steps,
         guidance_scale=req.guidance_scale,
+        guidance_rescale=req.guidance_rescale,
         seed=req.seed + image_index,
         eta=req.eta,
         width=req.width,
@@ -152,6 +153,12 @@ class ModelEngine:
             self._cv.notify()
         return job
 
+    def cancel_all(self) -> None:
+        with self._cv:
+            for job in self._active.values():
+                job.cancel()
+            self._cv.notify()
+
     def wake(self) -> None:
         """A job was cancelled: let the loop notice even if it is idle."""
         with self._cv:
@@ -167,7 +174,7 @@ class ModelEngine:
         """(images waiting, requests waiting, rows running) for the metrics."""
         with self._cv:
             images = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
-            requests = len({id(r.job) for r in self.scheduler.waiting}) + len(self._inbox)
+            requests = sum(1 for j in self._active.values() if j.first_step_at is None)
             return images, requests, self.scheduler.running_rows
 
     def idle(self) -> bool:
@@ -193,51 +200,62 @@ class ModelEngine:
             return
         self.ready.set()
         while True:
-            with self._cv:
-                while not self._inbox and not self._active and not self._stopping:
-                    self._cv.wait()
-                if self._stopping and not self._active:
-                    return
-                new, self._inbox = self._inbox, []
-            for job in new:
-                self._materialize(job)
-            self._reap()
-            with self._cv:
-                batch = self.scheduler.schedule()
-            if batch is None:
-                continue
-            now = time.monotonic()
-            for row in batch.rows:
-                if row.job is not None and row.job.first_step_at is None:
-                    row.job.first_step_at, row.job.state = now, "running"
             try:
-                result = self.runner.run(batch)
-                stepped = time.monotonic()
-                for row in batch.rows:
-                    if row.job is not None and row.job.first_step_done_at is None:
-                        row.job.first_step_done_at = stepped
-            except Exception as exc:  # a failed forward fails the jobs in it, not the engine
-                log.exception("step failed on %s", self.model.name)
-                for job in {id(r.job): r.job for r in batch.rows if r.job is not None}.values():
+                if not self._iterate():
+                    return
+            except Exception as exc:  # a bug between steps must not strand futures (and their quota slots)
+                log.exception("engine loop of %s failed; failing its jobs", self.model.name)
+                for job in list(self._active.values()):
                     self._fail(job, exc, "failed")
-                continue
-            with self._cv:
-                finished = self.scheduler.update(batch, result)
-                queued, running = self.scheduler.queued_images, self.scheduler.running_rows
-            uncond = sum(r.cost - 1 for r in batch.rows)
-            self.observer.on_step(
-                StepStats(
-                    self.model.name,
-                    len(batch.rows),
-                    batch.cost,
-                    uncond,
-                    batch.padded_to - batch.cost,
-                    result.seconds,
-                    queued,
-                    running,
-                )
+
+    def _iterate(self) -> bool:
+        """One pass: admit new jobs, drop cancelled ones, run one step. False when the engine stops."""
+        with self._cv:
+            while not self._inbox and not self._active and not self._stopping:
+                self._cv.wait()
+            if self._stopping and not self._active:
+                return False
+            new, self._inbox = self._inbox, []
+        for job in new:
+            self._materialize(job)
+        self._reap()
+        with self._cv:
+            batch = self.scheduler.schedule()
+        if batch is None:
+            return True
+        now = time.monotonic()
+        for row in batch.rows:
+            if row.job is not None and row.job.first_step_at is None:
+                row.job.first_step_at, row.job.state = now, "running"
+        try:
+            result = self.runner.run(batch)
+            stepped = time.monotonic()
+            for row in batch.rows:
+                if row.job is not None and row.job.first_step_done_at is None:
+                    row.job.first_step_done_at = stepped
+        except Exception as exc:  # a failed forward fails the jobs in it, not the engine
+            log.exception("step failed on %s", self.model.name)
+            for job in {id(r.job): r.job for r in batch.rows if r.job is not None}.values():
+                self._fail(job, exc, "failed")
+            return True
+        with self._cv:
+            finished = self.scheduler.update(batch, result)
+            queued, running = self.scheduler.queued_images, self.scheduler.running_rows
+        uncond = sum(r.cost - 1 for r in batch.rows)
+        self.observer.on_step(
+            StepStats(
+                self.model.name,
+                len(batch.rows),
+                batch.cost,
+                uncond,
+                batch.padded_to - batch.cost,
+                result.seconds,
+                queued,
+                running,
             )
-            self._complete(finished)
+        )
+        self._complete(finished)
+        return True
 
     def _materialize(self, job: Job) -> None:
         """Encode the prompts (cached) and draw each row's initial noise, then queue the rows."""
@@ -245,7 +263,7 @@ class ModelEngine:
             cond, uncond = prompt_states(self.model, job.request, self.cache)
             job.rows = self.runner.new_rows(job.request, cond, uncond, job=job)
         except Exception as exc:
-            log.exception("could not start job %s", job.id)
+            log.exception("could not start job %s", job.id, extra={"request_id": job.request.request_id})
             self._fail(job, exc, "failed")
             return
         with self._cv:
@@ -263,12 +281,13 @@ class ModelEngine:
                 )
 
     def _fail(self, job: Job, exc: Exception, outcome: str) -> None:
-        with self._cv:
-            self.scheduler.remove(job)
-            self._active.pop(job.id, None)
+        # The job is done before it leaves _active, so a drain never sees neither work nor a result.
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         job.error = outcome
         job.finished_at = time.monotonic()
+        with self._cv:
+            self.scheduler.remove(job)
+            self._active.pop(job.id, None)
         self.observer.on_job(self._job_stats(job, outcome))  # before the future: a client reads metrics next
         if not job.future.done():
             job.future.set_exception(exc)
@@ -324,7 +343,7 @@ class ModelEngine:
                     self.reviews.record_release(image)
                 images.append(image)
         except Exception as exc:
-            log.exception("release failed for job %s", job.id)
+            log.exception("release failed for job %s", job.id, extra={"request_id": job.request.request_id})
             self._fail(job, exc, "failed")
             return
         job.state, job.finished_at = "succeeded", time.monotonic()
@@ -374,3 +393,7 @@ class Engine:
     def cancel(self, job: Job) -> None:
         job.cancel()
         self.workers[job.request.model].wake()
+
+    def cancel_all(self) -> None:
+        for w in self.workers.values():
+            w.cancel_all()

@@ -42,6 +42,7 @@ class GenerationRequest:
     output: OutputSpec
     request_id: str = ""
     user: str | None = None
+    guidance_rescale: float = 0.0
     hold_reasons: tuple[str, ...] = ()  # set when the release policy holds the images for human review
     use: tuple[tuple[str, object], ...] = ()  # the declared use, stored with held images
 
@@ -116,6 +117,7 @@ class RowState:
     cond: torch.Tensor  # (L, D) prompt token states
     uncond: torch.Tensor | None  # (L, D) negative-prompt states when the row runs CFG with an uncond row
     guidance_scale: float
+    guidance_rescale: float = 0.0
     job: Job | None = None
     step: int = 0
     previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers

@@ -70,6 +70,7 @@ class Runner:
                     cond=cond,
                     uncond=uncond,
                     guidance_scale=req.guidance_scale,
+                    guidance_rescale=req.guidance_rescale,
                     job=job,
                 )
             )
@@ -119,7 +120,10 @@ class Runner:
             pad = to_device(torch.zeros(pad_to - used, dtype=torch.long), device)
             inputs = tuple(torch.cat([v, v[pad]]) for v in inputs)  # type: ignore[assignment]
         out = self.model.denoiser(*inputs)[:used]
-        prediction = apply_cfg(out, n, uncond_index, w)
+        phi = None
+        if any(r.guidance_rescale and r.uncond is not None for r in rows):
+            phi = to_device(torch.tensor([r.guidance_rescale for r in rows], dtype=torch.float32), device)
+        prediction = apply_cfg(out, n, uncond_index, w, phi)
         by_sampler: dict[Sampler, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_sampler[r.sampler].append(i)

@@ -118,10 +118,10 @@ class ManifestSigner:
             ],
         }  # fmt: skip
         out = io.BytesIO()
-        started = time.perf_counter()
         with self._lock:
+            started = time.perf_counter()
             c2pa.Builder(manifest, self._context).sign(self._signer, media_type, io.BytesIO(data), out)
-        self.on_sign(time.perf_counter() - started)
+            self.on_sign(time.perf_counter() - started)
         return out.getvalue()
 
 

@@ -37,6 +37,7 @@ class GenerationRecord:
     eta: float
     width: int
     height: int
+    guidance_rescale: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

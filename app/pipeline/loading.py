@@ -46,6 +46,7 @@ class ModelDefaults:
     width: int
     height: int
     description: str = ""
+    guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2023); the model folder may set a default
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,7 +14,7 @@ import torch
 from models.recipes.common import build_split, log
 
 TRAIN_COUNT = 30000
-STAGES = ["data", "vae", "unet", "distill", "decoder", "export", "classifier", "eval"]
+STAGES = ["data", "vae", "unet", "distill", "export", "classifier", "eval"]
 
 
 def run_stage(stage: str, quick: bool) -> None:
@@ -25,10 +25,6 @@ def run_stage(stage: str, quick: bool) -> None:
         from models.recipes import vae
 
         vae.run(TRAIN_COUNT)
-    elif stage == "decoder":
-        from models.recipes import vae
-
-        vae.finetune_decoder(vae.load_split("train", 0, TRAIN_COUNT))
     elif stage == "unet":
         from models.recipes import unet
 

@@ -229,19 +229,30 @@ def render(rng: random.Random, obj: str, colour: str, background: str) -> np.nda
     return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS))
 
 
-def sample(split: str, seed: int, index: int) -> Sample:
-    """Sample ``index`` of a split: 'train' avoids held-out triples; 'heldout' draws only them."""
-    rng = random.Random(f"{split}:{seed}:{index}")
+def _triple(rng: random.Random, split: str) -> tuple[str, str, str]:
+    """'train' avoids held-out triples; 'heldout' draws only them; other splits draw any."""
     if split == "heldout":
-        obj, colour, background = rng.choice(sorted(HELD_OUT))
-    else:
-        while True:
-            obj, colour, background = rng.choice(OBJECT_NAMES), rng.choice(COLOUR_NAMES), rng.choice(BACKGROUND_NAMES)
-            if split != "train" or (obj, colour, background) not in HELD_OUT:
-                break
+        return rng.choice(sorted(HELD_OUT))
+    while True:
+        obj, colour, background = rng.choice(OBJECT_NAMES), rng.choice(COLOUR_NAMES), rng.choice(BACKGROUND_NAMES)
+        if split != "train" or (obj, colour, background) not in HELD_OUT:
+            return obj, colour, background
+
+
+def sample(split: str, seed: int, index: int) -> Sample:
+    """Sample ``index`` of a split (deterministic from split, seed and index)."""
+    rng = random.Random(f"{split}:{seed}:{index}")
+    obj, colour, background = _triple(rng, split)
     image = render(rng, obj, colour, background)
     caption = caption_for(rng, obj, colour, background, TRAIN_TEMPLATES)
     return Sample(image=image, caption=caption, obj=obj, colour=colour, background=background)
+
+
+def backdrop(split: str, seed: int, index: int) -> np.ndarray:
+    """The studio backdrop of sample ``index`` without its object or shadow (the same random draws)."""
+    rng = random.Random(f"{split}:{seed}:{index}")
+    _, _, background = _triple(rng, split)
+    return np.asarray(_background(rng, background).resize((SIZE, SIZE), Image.LANCZOS))
 
 
 @dataclass(frozen=True)

@@ -2,8 +2,10 @@
 
 Phase 1 trains on random 64×64 crops (the network is fully convolutional: no mid-block attention)
 with L1 + an edge (Sobel) L1 that keeps product outlines sharp + a tiny KL. Phase 2 fine-tunes on
-whole 128×128 images and adds an L1 on 8×8-pooled colours: crops alone left object hues off
-(yellow drifting to orange, green to near-black) because most crops are mostly background.
+whole 128×128 images and adds an L1 on 8×8-pooled colours. In both, the object's pixels weigh
+1 + OBJECT_WEIGHT: backdrops are most of the pixels, and an unweighted loss let the encoder drop what
+only objects need — its latents kept luminance and red/blue but not green, so green decoded as black.
+The object is found against the sample's own backdrop, re-rendered without it.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import AutoencoderKL
 
+from models.recipes import data
 from models.recipes.common import RUNS, Checkpoint, Progress, device, load_split, log, seed_everything, write_json
 
 VAE_CONFIG = dict(
@@ -25,7 +28,7 @@ VAE_CONFIG = dict(
 )  # fmt: skip
 STEPS, BATCH, CROP, LR, KL_WEIGHT, EDGE_WEIGHT = 1800, 16, 64, 1e-3, 1e-6, 0.5
 FULL_STEPS, FULL_BATCH, FULL_LR, COLOUR_WEIGHT = 400, 8, 3e-4, 1.0
-DEC_STEPS, DEC_BATCH, DEC_LR, SATURATION_WEIGHT = 400, 16, 1e-3, 4.0
+OBJECT_WEIGHT, OBJECT_RAMP = 4.0, 0.1
 
 
 def to_tensor(images: np.ndarray) -> torch.Tensor:
@@ -36,6 +39,16 @@ def sobel(x: torch.Tensor) -> torch.Tensor:
     k = torch.tensor([[1, 0, -1], [2, 0, -2], [1, 0, -1]], dtype=x.dtype, device=x.device)
     kernel = torch.stack([k, k.T]).unsqueeze(1).repeat(x.shape[1], 1, 1, 1)  # (2C, 1, 3, 3)
     return F.conv2d(x, kernel, padding=1, groups=x.shape[1])
+
+
+def object_weight(x: torch.Tensor, backdrop: torch.Tensor) -> torch.Tensor:
+    """(B, 1, H, W) in [0, 1]: how far each pixel is from the bare backdrop (the object and its shadow)."""
+    return ((x - backdrop).abs().sum(1, keepdim=True) / OBJECT_RAMP).clamp(max=1.0)
+
+
+def backdrops(idx: np.ndarray) -> np.ndarray:
+    """(B, 128, 128, 3) uint8: the training samples' backdrops without their objects."""
+    return np.stack([data.backdrop("train", 0, int(i)) for i in idx])
 
 
 def train_vae(train: dict[str, np.ndarray]) -> AutoencoderKL:
@@ -63,9 +76,10 @@ def train_vae(train: dict[str, np.ndarray]) -> AutoencoderKL:
         idx = gen.integers(0, len(images), BATCH)
         oy, ox = (gen.integers(0, (128 - CROP) // 8 + 1, 2) * 8).tolist()
         x = to_tensor(images[idx, oy : oy + CROP, ox : ox + CROP]).to(dev)
+        backdrop = to_tensor(backdrops(idx)[:, oy : oy + CROP, ox : ox + CROP]).to(dev)
         posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.sample()).sample
-        rec = (y - x).abs().mean()
+        rec = ((y - x).abs() * (1 + OBJECT_WEIGHT * object_weight(x, backdrop))).mean()
         edge = (sobel(y) - sobel(x)).abs().mean()
         kl = posterior.kl().mean()
         loss = rec + EDGE_WEIGHT * edge + KL_WEIGHT * kl
@@ -107,10 +121,12 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
         lr = FULL_LR * warm * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / FULL_STEPS)))
         for group in opt.param_groups:
             group["lr"] = lr
-        x = to_tensor(images[gen.integers(0, len(images), FULL_BATCH)]).to(dev)
+        idx = gen.integers(0, len(images), FULL_BATCH)
+        x = to_tensor(images[idx]).to(dev)
+        backdrop = to_tensor(backdrops(idx)).to(dev)
         posterior = vae.encode(x).latent_dist
         y = vae.decode(posterior.sample()).sample
-        rec = (y - x).abs().mean()
+        rec = ((y - x).abs() * (1 + OBJECT_WEIGHT * object_weight(x, backdrop))).mean()
         edge = (sobel(y) - sobel(x)).abs().mean()
         colour = (F.avg_pool2d(y, 8) - F.avg_pool2d(x, 8)).abs().mean()
         loss = rec + EDGE_WEIGHT * edge + COLOUR_WEIGHT * colour + KL_WEIGHT * posterior.kl().mean()
@@ -132,62 +148,9 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
 LATENTS, STATS = RUNS / "vae-full" / "latents.pt", RUNS / "vae-full" / "stats.json"
 
 
-def finetune_decoder(train: dict[str, np.ndarray]) -> None:
-    """Phase 3: the decoder alone, encoder frozen (so the latents and the UNet trained on them stay valid).
-
-    Neutral backdrops dominate the pixels, so the decoder had learned green ≈ f(red, blue) and drew
-    saturated objects desaturated (green → slate, pink → beige). Pixels are weighted by saturation.
-    """
-    dev = device()
-    ckpt = Checkpoint("vae-dec")
-    if ckpt.done_marker().exists():
-        return
-    vae = AutoencoderKL.from_pretrained(RUNS / "vae-full" / "final").to(dev)
-    for part in (vae.encoder, vae.quant_conv):
-        part.requires_grad_(False)
-    params = [p for p in vae.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=DEC_LR, weight_decay=0.0)
-    start = 0
-    if (state := ckpt.load()) is not None:
-        vae.load_state_dict(state["model"])
-        opt.load_state_dict(state["opt"])
-        start = state["step"]
-    gen = np.random.default_rng(777 + start)
-    images = train["images"]
-    progress = Progress("vae-dec", DEC_STEPS, start)
-    for step in range(start, DEC_STEPS):
-        lr = DEC_LR * min(1.0, (step + 1) / 20) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / DEC_STEPS)))
-        for group in opt.param_groups:
-            group["lr"] = lr
-        # 64×64 crops around the centre, where the object is; the decoder is fully convolutional
-        oy, ox = (gen.integers(2, 7, 2) * 8).tolist()
-        x = to_tensor(images[gen.integers(0, len(images), DEC_BATCH), oy : oy + CROP, ox : ox + CROP]).to(dev)
-        with torch.no_grad():
-            z = vae.encode(x).latent_dist.sample()
-        y = vae.decode(z).sample
-        saturation = x.max(1, keepdim=True).values - x.min(1, keepdim=True).values  # (B, 1, H, W), 0..2
-        rec = ((y - x).abs() * (1 + SATURATION_WEIGHT * saturation)).mean()
-        edge = (sobel(y) - sobel(x)).abs().mean()
-        colour = (F.avg_pool2d(y, 8) - F.avg_pool2d(x, 8)).abs().mean()
-        loss = rec + EDGE_WEIGHT * edge + COLOUR_WEIGHT * colour
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
-        opt.step()
-        if (step + 1) % 50 == 0:
-            progress.report(step + 1, weighted_l1=rec.item(), colour=colour.item(), lr=lr)
-        if (step + 1) % 200 == 0 or step + 1 == DEC_STEPS:
-            ckpt.save({"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1})
-    vae.save_pretrained(ckpt.dir / "final")
-    ckpt.done_marker().touch()
-    mae = reconstruction_error(vae.eval(), load_split("val", 0, 512)["images"][:256])
-    log(f"decoder fine-tuned: val MAE {mae:.2f}/255")
-
-
 def trained_vae_dir() -> Path:
-    """The VAE to ship: the decoder-tuned one once phase 3 has run."""
-    tuned = RUNS / "vae-dec" / "final"
-    return tuned if tuned.exists() else RUNS / "vae-full" / "final"
+    """The VAE to ship: the one whose latents the UNet learned."""
+    return RUNS / "vae-full" / "final"
 
 
 @torch.inference_mode()

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from pydantic import ValidationError
 
 from app.api.keys import KeyFileError, KeyRing, Role
 from app.main import create_app
@@ -56,6 +57,23 @@ def test_only_probes_and_metrics_work_without_a_key(client: TestClient) -> None:
             assert r.status_code == 401, (method, path, r.text)
             assert r.json()["error"]["code"] == "invalid_api_key"
             assert r.headers["WWW-Authenticate"] == "Bearer"
+    for path in ("/docs", "/redoc", "/openapi.json"):  # the API's description is not public either
+        assert client.get(path).status_code == 404
+
+
+def test_the_review_cookie_signs_in_reads_only(client: TestClient) -> None:
+    cookie = {"imagegen_reviewer": "review-key"}
+    client.cookies.update(cookie)
+    try:
+        assert client.get("/v1/reviews").status_code == 200  # the review page's <img> requests
+        for path in ("/v1/reviews/x/approve", "/v1/reviews/x/reject"):
+            assert client.post(path).status_code == 401  # a state change needs the Authorization header
+        forged = client.post("/review/x/approve", headers={"Sec-Fetch-Site": "same-site"})  # e.g. another port
+        assert forged.status_code == 403 and forged.json()["error"]["code"] == "cross_origin_form"
+        other = client.post("/review/x/approve", headers={"Origin": "http://elsewhere.example"})
+        assert other.status_code == 403
+    finally:
+        client.cookies.clear()
 
 
 def test_roles(client: TestClient) -> None:
@@ -134,3 +152,10 @@ def test_a_broken_key_file_stops_the_start(tmp_path: Path) -> None:
     (tmp_path / "keys.toml").write_text('[[key]]\nname = "x"\nsha256 = "' + "0" * 64 + '"\nroles = ["superuser"]\n')
     with pytest.raises(KeyFileError):
         KeyRing.load(tmp_path / "keys.toml")
+    write_key_file(tmp_path / "keys.toml", {"a": ("k1", ["generate"])})
+    twice = (tmp_path / "keys.toml").read_text() * 2
+    (tmp_path / "keys.toml").write_text(twice)
+    with pytest.raises(KeyFileError, match="duplicate"):
+        KeyRing.load(tmp_path / "keys.toml")
+    with pytest.raises(ValidationError, match="must differ"):
+        Settings(port=8000, metrics_port=8000)

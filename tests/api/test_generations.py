@@ -34,6 +34,7 @@ def test_png_is_labeled_and_carries_its_record(client: TestClient) -> None:
         "sampler": "ddim",
         "steps": 3,
         "guidance_scale": 4.0,
+        "guidance_rescale": 0.0,
         "seed": 7,
         "eta": 0.0,
         "width": 16,

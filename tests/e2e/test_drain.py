@@ -3,6 +3,7 @@ shipped load-balancer configuration), under load; one gets SIGTERM mid-load."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -22,7 +23,7 @@ from tests.helpers import REPO, ServerProcess, free_port, server_process, wait_u
 
 DRAIN_SECONDS = 60  # long on purpose: the replica must leave as soon as its work is delivered, not at the deadline
 QUICK = {"model": "tiny-eps", "prompt": "a mug", "num_inference_steps": 8, "size": "64x64"}
-LONG = {**QUICK, "num_inference_steps": 150, "n": 4}
+LONG = {**QUICK, "num_inference_steps": 150, "n": 2}  # a few seconds: in flight when the signal comes
 
 
 @dataclass
@@ -97,6 +98,7 @@ def test_sigterm_mid_load_loses_nothing(replicas: tuple[ServerProcess, ServerPro
         )
         sync_thread.start()
         time.sleep(0.3)  # both long requests are accepted and running on A
+        assert direct.get(f"{a.base}{async_job.headers['Location']}").json()["status"] in ("queued", "running")
 
         a.proc.send_signal(signal.SIGTERM)
         signalled = time.monotonic()
@@ -112,7 +114,7 @@ def test_sigterm_mid_load_loses_nothing(replicas: tuple[ServerProcess, ServerPro
             t.join()
 
         sync_thread.join(120)
-        assert in_flight["r"].status_code == 200 and len(in_flight["r"].json()["data"]) == 4  # accepted → delivered
+        assert in_flight["r"].status_code == 200 and len(in_flight["r"].json()["data"]) == 2  # accepted → delivered
         job = f"{a.base}{async_job.headers['Location']}"
         while True:  # A stays up until the finished async result has been fetched
             assert a.proc.poll() is None, "the replica left before its async result was fetched"
@@ -120,7 +122,7 @@ def test_sigterm_mid_load_loses_nothing(replicas: tuple[ServerProcess, ServerPro
             if body["status"] == "succeeded":
                 break
             time.sleep(0.2)
-        assert len(body["result"]["data"]) == 4
+        assert len(body["result"]["data"]) == 2
     assert a.proc.wait(timeout=20) == 0  # then leaves at once (far inside the 60 s grace), cleanly
     assert time.monotonic() - signalled < DRAIN_SECONDS
 
@@ -131,3 +133,25 @@ def test_sigterm_mid_load_loses_nothing(replicas: tuple[ServerProcess, ServerPro
     assert b.proc.poll() is None and httpx.get(f"{b.base}/readyz").status_code == 200
     records = a.log.read_text()
     assert "draining for up to 60s" in records and "drained" in records
+
+
+def test_a_second_signal_exits_at_once(tiny_models_dir: Path, tmp_path: Path) -> None:
+    env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_TORCH_THREADS": "1",
+           "IMAGEGEN_DRAIN_SECONDS": str(DRAIN_SECONDS), "IMAGEGEN_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
+    with server_process(env, tmp_path / "server.log") as server:
+        slow = {**LONG, "n": 10, "size": "128x128"}  # far longer than this test waits
+
+        def send() -> None:
+            with contextlib.suppress(httpx.HTTPError):  # the server is killed under it: that is the point
+                httpx.post(f"{server.base}/v1/images/generations", json=slow, timeout=120)
+
+        pending = threading.Thread(target=send, daemon=True)
+        pending.start()
+        time.sleep(1.0)
+        server.proc.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        assert server.proc.poll() is None  # draining: the accepted request is still being worked on
+        started = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        assert server.proc.wait(timeout=15) == -signal.SIGTERM  # gone at once, and the status says it was killed
+        assert time.monotonic() - started < 15

@@ -37,7 +37,9 @@ def loaded(tiny_models_dir: Path) -> dict[str, LoadedModel]:
     return {name: load_model(tiny_models_dir / name, cpu, torch.float32) for name in ("tiny-eps", "tiny-v", "tiny-lcm")}
 
 
-def request(model: str, sampler: str, steps: int, guidance: float, n: int = 2, eta: float = 0.0) -> GenerationRequest:
+def request(
+    model: str, sampler: str, steps: int, guidance: float, n: int = 2, eta: float = 0.0, rescale: float = 0.0
+) -> GenerationRequest:
     return GenerationRequest(
         model=model,
         prompt=PROMPT,
@@ -51,6 +53,7 @@ def request(model: str, sampler: str, steps: int, guidance: float, n: int = 2, e
         sampler=sampler,
         eta=eta,
         output=OutputSpec(),
+        guidance_rescale=rescale,
     )
 
 
@@ -68,7 +71,7 @@ def diffusers_latents(model: LoadedModel, scheduler: object, req: GenerationRequ
     cls = LatentConsistencyModelPipeline if model.distilled else StableDiffusionPipeline
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
-    kwargs = {"eta": req.eta} if cls is StableDiffusionPipeline else {}
+    kwargs = {"eta": req.eta, "guidance_rescale": req.guidance_rescale} if cls is StableDiffusionPipeline else {}
     out = pipe(
         PROMPT,
         height=req.height,
@@ -109,6 +112,17 @@ def test_ddim_with_eta_matches_diffusers(loaded: dict[str, LoadedModel]) -> None
     theirs = diffusers_latents(model, scheduler_for(model, "ddim"), req)
     assert (ours - theirs).abs().max().item() <= TOLERANCE
     assert (ours - Runner(model).generate_latents(request("tiny-eps", "ddim", 10, 2.0))).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("model_name", ["tiny-eps", "tiny-v"])
+def test_guidance_rescale_matches_diffusers(loaded: dict[str, LoadedModel], model_name: str) -> None:
+    model = loaded[model_name]
+    req = request(model_name, "ddim", 10, guidance=6.0, rescale=0.7)
+    ours = Runner(model).generate_latents(req)
+    theirs = diffusers_latents(model, scheduler_for(model, "ddim"), req)
+    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    plain = Runner(model).generate_latents(request(model_name, "ddim", 10, guidance=6.0))
+    assert (ours - plain).abs().max() > 1e-3  # φ changed the result
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
