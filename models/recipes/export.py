@@ -21,6 +21,7 @@ from models.recipes.vae import STATS, trained_vae_dir
 MODELS = ROOT / "models"
 TEACHER, STUDENT = "catalog-128", "catalog-128-lcm"
 TEACHER_GUIDANCE = 3.0
+TEACHER_RESCALE = 0.7  # the served default guidance_rescale φ (measured in EVAL.md, φ rows)
 
 
 def _write_folder(
@@ -56,7 +57,8 @@ def _write_folder(
 
 def export_teacher() -> None:
     unet = UNet2DConditionModel.from_pretrained(RUNS / "unet" / "final")
-    defaults = {"sampler": "ddim", "steps": 25, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
+    defaults = {"sampler": "ddim", "steps": 25, "guidance_scale": TEACHER_GUIDANCE,
+                "guidance_rescale": TEACHER_RESCALE, "width": 128, "height": 128,
                 "description": "product-catalog images, 128x128, trained by models/recipes"}  # fmt: skip
     _write_folder(MODELS / TEACHER, unet, SCHEDULER_CONFIG, defaults, share_vae=False)
 
