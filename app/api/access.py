@@ -7,7 +7,7 @@ the key in its cookie), and each route family needs a role.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Annotated
 
 from fastapi import Cookie, Depends, Header, Request
@@ -27,7 +27,7 @@ def caller_for_key(services: Services, key: str) -> Caller | None:
     return services.keys.caller(key)
 
 
-def authenticate(
+async def authenticate(  # async: a hash and a dict lookup, no threadpool hop per request
     request: Request,
     services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
@@ -49,8 +49,8 @@ def authenticate(
 CallerDep = Annotated[Caller, Depends(authenticate)]
 
 
-def require(role: Role) -> Callable[[Services, Caller], Caller]:
-    def check(services: ServicesDep, caller: CallerDep) -> Caller:
+def require(role: Role) -> Callable[[Services, Caller], Awaitable[Caller]]:
+    async def check(services: ServicesDep, caller: CallerDep) -> Caller:
         if role is Role.review and services.keys is None:
             raise APIError(403, "review_disabled", "review needs API keys (IMAGEGEN_API_KEYS_FILE)")
         if not caller.may(role):

@@ -63,7 +63,7 @@ def balancer(replicas: tuple[ServerProcess, ServerProcess], tmp_path: Path) -> I
                                 stdout=out, stderr=out)  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_ready(f"{base}/readyz", proc, tmp_path / "nginx.out", timeout=20)  # type: ignore[arg-type]
+        wait_until_ready(f"{base}/readyz", proc, tmp_path / "nginx.out", timeout=20)
         yield base
     finally:
         proc.terminate()
