@@ -9,6 +9,7 @@ signatures, but the signer is untrusted: /readyz and the logs say so).
 from __future__ import annotations
 
 import datetime
+import fcntl
 import io
 import json
 import logging
@@ -48,10 +49,16 @@ class SigningIdentity:
     @classmethod
     def development_chain(cls, folder: Path) -> SigningIdentity:
         """A root CA and an ES256 signing certificate, generated once and kept in ``folder``."""
-        chain_path, key_path = folder / "dev-chain.pem", folder / "dev-key.pem"
-        if chain_path.is_file() and key_path.is_file():
-            return cls(chain_path.read_bytes(), key_path.read_bytes(), development=True)
         folder.mkdir(parents=True, exist_ok=True)
+        with (folder / "dev-chain.lock").open("w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # replicas sharing a state dir make one chain, never read half of one
+            chain_path, key_path = folder / "dev-chain.pem", folder / "dev-key.pem"
+            if chain_path.is_file() and key_path.is_file():
+                return cls(chain_path.read_bytes(), key_path.read_bytes(), development=True)
+            return cls._generate(chain_path, key_path)
+
+    @classmethod
+    def _generate(cls, chain_path: Path, key_path: Path) -> SigningIdentity:
         now = datetime.datetime.now(datetime.UTC)
 
         def name(cn: str) -> x509.Name:
@@ -91,7 +98,9 @@ class SigningIdentity:
         key_path.write_bytes(pem)
         key_path.chmod(0o600)
         chain_path.write_bytes(chain)
-        log.warning("generated a development C2PA signing chain in %s: signatures are valid but untrusted", folder)
+        log.warning(
+            "generated a development C2PA signing chain in %s: signatures are valid but untrusted", chain_path.parent
+        )
         return cls(chain, pem, development=True)
 
 

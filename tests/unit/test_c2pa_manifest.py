@@ -49,3 +49,11 @@ def test_the_development_chain_is_generated_once(tmp_path: Path) -> None:
     b = SigningIdentity.development_chain(tmp_path)
     assert a.development and a.chain_pem == b.chain_pem and "development signer" in a.subject
     assert (tmp_path / "dev-key.pem").stat().st_mode & 0o077 == 0
+
+
+def test_replicas_sharing_a_state_dir_make_one_development_chain(tmp_path: Path) -> None:
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(4) as pool:
+        identities = list(pool.map(lambda _: SigningIdentity.development_chain(tmp_path / "c2pa"), range(4)))
+    assert len({(i.chain_pem, i.key_pem) for i in identities}) == 1  # one chain, each read whole
