@@ -70,7 +70,14 @@ TRAIN_TEMPLATES = (
     "catalog image: {c} {o}, {b} backdrop",
     "e-commerce photo, {c} {o} on a {b} surface",
     "{c} {o}, {b} background, product shot",
+    "a {b} backdrop with a {c} {o}",
+    "{o}, {c}, on a {b} background",
+    "{b} background, {c} {o}",
+    "shop image of a {c} {o} with a {b} background",
+    "{c} coloured {o} shot against {b}",
+    "a single {o}, colour {c}, {b} studio background",
 )
+EVAL_SEEN_TEMPLATES = TRAIN_TEMPLATES[:8]  # the evaluation set was drawn with these: keep it fixed
 EVAL_TEMPLATES = (  # paraphrases never seen in training
     "photograph of a {c} {o} placed on a {b} backdrop",
     "listing picture: one {c} {o} in front of a {b} background",
@@ -270,7 +277,7 @@ def eval_prompts() -> list[EvalPrompt]:
     rng = random.Random("eval-prompts-v1")
     out = []
     for o, c, b in sorted(HELD_OUT):
-        out.append(EvalPrompt(caption_for(rng, o, c, b, TRAIN_TEMPLATES), o, c, b, "held_out_combination"))
+        out.append(EvalPrompt(caption_for(rng, o, c, b, EVAL_SEEN_TEMPLATES), o, c, b, "held_out_combination"))
         out.append(EvalPrompt(caption_for(rng, o, c, b, EVAL_TEMPLATES), o, c, b, "held_out_paraphrase"))
     seen = [
         (o, c, b) for o in OBJECT_NAMES for c in COLOUR_NAMES for b in BACKGROUND_NAMES if (o, c, b) not in HELD_OUT

@@ -1,9 +1,10 @@
 """Stage 4: latent consistency distillation (Luo et al. 2023, Alg. 2) of the teacher into a student
 with a guidance-scale embedding (``time_cond_proj_dim``), for 1-4 step sampling with one row per image.
 
-Each step: noise a latent to t on the 50-step grid, take one DDIM step of the *guided* teacher
-(uncond + g·(cond − uncond)) to t − 20, and pull the student's consistency output at t towards the
-target network's output at t − 20 (Huber loss). The target network is an EMA of the student.
+Each step: noise a latent to t on the 50-step grid, take one DDIM step of the teacher as served
+(uncond + g·(cond − uncond), then its guidance rescale φ) to t − 20, and pull the student's
+consistency output at t towards the target network's output at t − 20 (Huber loss). The target
+network is an EMA of the student.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from models.recipes.common import RUNS, Checkpoint, Progress, device, log, seed_everything
+from models.recipes.export import TEACHER_RESCALE
 from models.recipes.unet import UNET_CONFIG, conditioning, ema_update, noise_scheduler
 
 GUIDANCE_DIM = 256
-STEPS, BATCH, LR, TARGET_EMA, SKIP, G_MIN, G_MAX, HUBER_C = 350, 32, 2e-4, 0.95, 20, 1.0, 8.0, 0.001
+STEPS, BATCH, LR, TARGET_EMA, SKIP, G_MIN, G_MAX, HUBER_C = 500, 32, 2e-4, 0.95, 20, 1.0, 8.0, 0.001
 SIGMA_DATA, TIMESTEP_SCALING = 0.5, 10.0
 
 
@@ -99,6 +101,9 @@ def train_student(train_count: int) -> UNet2DConditionModel:
             v = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([ctx, uncond])).sample
             v_c, v_u = v.chunk(2)
             v_g = v_u + g.view(-1, 1, 1, 1) * (v_c - v_u)
+            # φ pulls the guided prediction's std towards the cond one's (as the service's apply_cfg)
+            matched = v_g * (v_c.std(dim=(1, 2, 3), keepdim=True) / v_g.std(dim=(1, 2, 3), keepdim=True))
+            v_g = TEACHER_RESCALE * matched + (1 - TEACHER_RESCALE) * v_g
             a, a_prev = ac[t].view(-1, 1, 1, 1), ac[t_prev].view(-1, 1, 1, 1)
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * v_g
             eps = a.sqrt() * v_g + (1 - a).sqrt() * x_t

@@ -29,7 +29,7 @@ UNET_CONFIG = dict(
     up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
     cross_attention_dim=384, attention_head_dim=4, norm_num_groups=8,
 )  # fmt: skip
-STEPS, BATCH, LR, WARMUP, EMA_DECAY, SNR_GAMMA, UNCOND_P = 2400, 64, 1e-3, 200, 0.999, 5.0, 0.1
+STEPS, BATCH, LR, WARMUP, EMA_DECAY, SNR_GAMMA, UNCOND_P = 3200, 64, 1e-3, 200, 0.999, 5.0, 0.1
 
 
 def noise_scheduler() -> DDPMScheduler:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 
 from models.recipes import data
@@ -38,3 +40,13 @@ def test_eval_prompts_are_fixed_and_cover_held_out_combinations_and_paraphrases(
     assert {(p.obj, p.colour, p.background) for p in prompts if p.subset != "paraphrase"} == set(data.HELD_OUT)
     train_captions = {data.sample("train", 0, i).caption for i in range(300)}
     assert not train_captions & {p.prompt for p in prompts if p.subset != "held_out_combination"}
+
+
+def test_eval_set_is_the_one_the_model_card_was_measured_on() -> None:
+    """Adding training templates or vocabulary must not silently change the evaluation prompts."""
+    lines = "\n".join(f"{p.prompt}|{p.obj}|{p.colour}|{p.background}|{p.subset}" for p in data.eval_prompts())
+    assert hashlib.sha256(lines.encode()).hexdigest() == (
+        "a8750f105502d08849498e6cd4531f8133103cc0036dc8b0eacf998e2f3780c5"
+    )
+    assert not set(data.EVAL_TEMPLATES) & set(data.TRAIN_TEMPLATES)
+    assert set(data.EVAL_SEEN_TEMPLATES) <= set(data.TRAIN_TEMPLATES)
