@@ -87,7 +87,8 @@ def train_student(train_count: int) -> UNet2DConditionModel:
     uncond = empty.to(dev, torch.float32).expand(BATCH, -1, -1)
     for step in range(start, STEPS):
         for group in opt.param_groups:
-            group["lr"] = LR * min(1.0, (step + 1) / 50)
+            # warm-up, then cosine to zero: the online student is what ships, so its last steps must be quiet
+            group["lr"] = LR * min(1.0, (step + 1) / 50) * 0.5 * (1 + math.cos(math.pi * step / STEPS))
         idx = torch.from_numpy(gen.integers(0, len(latents), BATCH))
         z = latents[idx].to(dev)
         ctx = text[idx].to(dev, torch.float32)
