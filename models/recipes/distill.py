@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
+from app.samplers.guidance import apply_cfg
 from models.recipes.common import RUNS, Checkpoint, Progress, device, log, seed_everything
 from models.recipes.export import TEACHER_RESCALE
 from models.recipes.unet import UNET_CONFIG, conditioning, ema_update, noise_scheduler
@@ -85,6 +86,8 @@ def train_student(train_count: int) -> UNet2DConditionModel:
     progress = Progress("distill", STEPS, start)
     running = 0.0
     uncond = empty.to(dev, torch.float32).expand(BATCH, -1, -1)
+    uncond_rows = torch.arange(BATCH, 2 * BATCH, device=dev)
+    rescale = torch.full((BATCH,), TEACHER_RESCALE, device=dev)
     for step in range(start, STEPS):
         for group in opt.param_groups:
             # warm-up, then cosine to zero: the online student is what ships, so its last steps must be quiet
@@ -100,11 +103,7 @@ def train_student(train_count: int) -> UNet2DConditionModel:
         pred = consistency(student, x_t, t, ctx, emb, ac)
         with torch.no_grad():
             v = teacher(torch.cat([x_t, x_t]), torch.cat([t, t]), encoder_hidden_states=torch.cat([ctx, uncond])).sample
-            v_c, v_u = v.chunk(2)
-            v_g = v_u + g.view(-1, 1, 1, 1) * (v_c - v_u)
-            # φ pulls the guided prediction's std towards the cond one's (as the service's apply_cfg)
-            matched = v_g * (v_c.std(dim=(1, 2, 3), keepdim=True) / v_g.std(dim=(1, 2, 3), keepdim=True))
-            v_g = TEACHER_RESCALE * matched + (1 - TEACHER_RESCALE) * v_g
+            v_g = apply_cfg(v, BATCH, uncond_rows, g, rescale)  # the service's own guidance, φ included
             a, a_prev = ac[t].view(-1, 1, 1, 1), ac[t_prev].view(-1, 1, 1, 1)
             x0 = a.sqrt() * x_t - (1 - a).sqrt() * v_g
             eps = a.sqrt() * v_g + (1 - a).sqrt() * x_t

@@ -167,6 +167,8 @@ def run(train_count: int, quick: bool = False) -> dict[str, Any]:
         prompts = prompts[::10]
     real = real_images(prompts)
     _, real_feats = predict(net, real)
+    subsets = np.array([p.subset for p in prompts])
+    light = np.array([light_on_light(p) for p in prompts])
     rows = []
     with service(MODELS) as base:
         for cfg in (
@@ -182,8 +184,6 @@ def run(train_count: int, quick: bool = False) -> dict[str, Any]:
                 "seconds": round(time.time() - started, 1),
                 "fd": round(frechet(feats, real_feats), 2),
             }
-            subsets = np.array([p.subset for p in prompts])
-            light = np.array([light_on_light(p) for p in prompts])
             for k in HEADS:
                 ok = np.array([getattr(p, k) for p in prompts]) == preds[k]
                 row[k] = round(float(ok.mean()) * 100, 1)
