@@ -69,7 +69,8 @@ def conditioning(train_count: int, dev: torch.device) -> tuple[torch.Tensor, tor
 
 def ema_update(ema: UNet2DConditionModel, model: UNet2DConditionModel, decay: float) -> None:
     with torch.no_grad():
-        torch._foreach_lerp_(list(ema.parameters()), list(model.parameters()), 1 - decay)
+        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
+            e.lerp_(p, 1 - decay)
 
 
 def train_unet(train_count: int) -> UNet2DConditionModel:

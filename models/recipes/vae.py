@@ -31,16 +31,6 @@ FULL_STEPS, FULL_BATCH, FULL_LR, COLOUR_WEIGHT = 400, 8, 3e-4, 1.0
 OBJECT_WEIGHT, OBJECT_RAMP = 4.0, 0.1
 
 
-def channels_last(vae: AutoencoderKL) -> AutoencoderKL:
-    """NHWC weights: oneDNN convolutions run ~15% faster to train and ~30% faster to encode on the CPU."""
-    return vae.to(memory_format=torch.channels_last)
-
-
-def save_vae(vae: AutoencoderKL, path: Path) -> None:
-    vae.to(memory_format=torch.contiguous_format).save_pretrained(path)  # safetensors wants contiguous tensors
-    channels_last(vae)
-
-
 def to_tensor(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
 
@@ -68,7 +58,7 @@ def train_vae(train: dict[str, np.ndarray]) -> AutoencoderKL:
     if ckpt.done_marker().exists():
         return AutoencoderKL.from_pretrained(final).to(dev)
     seed_everything(0)
-    vae = channels_last(AutoencoderKL(**VAE_CONFIG).to(dev))
+    vae = AutoencoderKL(**VAE_CONFIG).to(dev)
     opt = torch.optim.AdamW(vae.parameters(), lr=LR, weight_decay=0.0)
     start = 0
     if (state := ckpt.load()) is not None:
@@ -103,7 +93,7 @@ def train_vae(train: dict[str, np.ndarray]) -> AutoencoderKL:
             ckpt.save(
                 {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "rng": torch.get_rng_state()}
             )
-    save_vae(vae, final)
+    vae.save_pretrained(final)
     ckpt.done_marker().touch()
     return vae
 
@@ -115,7 +105,7 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
     final = ckpt.dir / "final"
     if ckpt.done_marker().exists():
         return AutoencoderKL.from_pretrained(final).to(dev)
-    vae = channels_last(vae.to(dev)).train()
+    vae = vae.to(dev).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=FULL_LR, weight_decay=0.0)
     start = 0
     if (state := ckpt.load()) is not None:
@@ -150,7 +140,7 @@ def finetune_full(train: dict[str, np.ndarray], vae: AutoencoderKL) -> Autoencod
             ckpt.save(
                 {"model": vae.state_dict(), "opt": opt.state_dict(), "step": step + 1, "rng": torch.get_rng_state()}
             )
-    save_vae(vae, final)
+    vae.save_pretrained(final)
     ckpt.done_marker().touch()
     return vae
 
@@ -166,7 +156,6 @@ def trained_vae_dir() -> Path:
 @torch.inference_mode()
 def encode_latents(vae: AutoencoderKL, images: np.ndarray, batch: int = 128) -> torch.Tensor:
     dev = next(vae.parameters()).device
-    channels_last(vae)
     out = [
         vae.encode(to_tensor(images[i : i + batch]).to(dev)).latent_dist.mode().cpu()
         for i in range(0, len(images), batch)
