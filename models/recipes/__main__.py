@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import argparse
 import os
-import time
 
 import torch
 
-from models.recipes.common import build_split, log
+from models.recipes.common import build_split, log, timed
 
 TRAIN_COUNT = 30000
 STAGES = ["data", "vae", "unet", "distill", "export", "classifier", "eval"]
@@ -56,13 +55,13 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="eval: a tenth of the prompts, four configs")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    started = time.time()
+    seconds: dict[str, float] = {}
     for stage in STAGES if "all" in args.stages else args.stages:
         log(f"== stage {stage}")
-        stage_started = time.time()
-        run_stage(stage, args.quick)
-        log(f"== stage {stage}: {(time.time() - stage_started) / 60:.1f} min")
-    log(f"== done in {(time.time() - started) / 60:.1f} min")
+        with timed(stage, seconds):
+            run_stage(stage, args.quick)
+        log(f"== stage {stage}: {seconds[stage] / 60:.1f} min")
+    log(f"== done in {sum(seconds.values()) / 60:.1f} min")
 
 
 if __name__ == "__main__":
