@@ -34,12 +34,13 @@ from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
 from app.engine.scheduler import SchedulerConfig
 from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
+from app.gate.gate import Gate
 from app.gate.policy import Policy
-from app.gate.review import ReviewStore
 from app.metrics import Metrics, ModelLoad, Snapshot
 from app.pipeline.loading import load_all, resolve_device, resolve_dtype
 from app.pipeline.prompts import PromptCache
 from app.settings import Settings
+from app.state.reviews import ReviewStore
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +66,8 @@ def make_signer(settings: Settings, on_sign: Callable[[float], None] | None = No
 def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
-        services.signer, services.signer_notes = make_signer(settings, services.metrics.sign_seconds.observe)
-        services.reviews = ReviewStore(settings.review_database())
+        services.gate.signer, services.signer_notes = make_signer(settings, services.metrics.sign_seconds.observe)
+        services.gate.reviews = ReviewStore(settings.review_database())
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         models, failures = load_all(settings.models_dir, device, dtype)
@@ -91,7 +92,7 @@ def load_and_start(services: Services) -> None:
     )
     m = services.metrics
     observer = EngineObserver(on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode)
-    engine = Engine(models, config, services.cache, observer, services.signer, services.reviews)
+    engine = Engine(models, config, services.cache, services.gate.finish, observer)
     engine.start()
     services.engine = engine
 
@@ -107,7 +108,7 @@ def snapshot(services: Services) -> Snapshot:
     for device in {m.device for m in services.models.values() if m.device.type == "cuda"}:
         memory[(str(device), "allocated")] = torch.cuda.memory_allocated(device)
         memory[(str(device), "reserved")] = torch.cuda.memory_reserved(device)
-    signer = services.signer
+    signer = services.gate.signer
     return Snapshot(
         models=models,
         cache_hits=services.cache.hits,
@@ -121,12 +122,14 @@ def snapshot(services: Services) -> Snapshot:
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
+    metrics = Metrics()
+    policy = Policy.load(settings.gate_policy) if settings.gate_policy else Policy.load()
     services = Services(
         settings=settings,
-        metrics=Metrics(),
+        metrics=metrics,
         cache=PromptCache(settings.prompt_cache_entries),
         jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds),
-        policy=Policy.load(settings.gate_policy) if settings.gate_policy else Policy.load(),
+        gate=Gate(policy, on_decision=metrics.observe_gate_decision),
     )
     if settings.api_keys_file is not None:
         services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly

@@ -14,7 +14,7 @@ from app.engine.engine import DecodeStats, JobStats, StepStats
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128)
-GATE_OUTCOMES = {"synthetic_labeled_preview": "release", "human_review": "human_review", "blocked": "blocked"}
+GATE_OUTCOMES = {"release": "release", "hold": "human_review", "block": "blocked"}  # gate verdict → label
 PER_MODEL_GAUGES = {  # ModelLoad attribute → (metric, help)
     "queued_images": ("imagegen_queue_images", "Images accepted, not yet running."),
     "queued_requests": ("imagegen_queue_requests", "Requests waiting to start."),

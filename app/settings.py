@@ -32,6 +32,39 @@ class Settings(BaseSettings):
     max_steps: int = Field(150, ge=1, description="Most denoising steps per request.")
     max_guidance_scale: float = Field(30.0, ge=0, description="Largest guidance_scale.")
     max_pixels: int = Field(1024 * 1024, ge=64 * 64, description="Largest width × height.")
+    max_area_factor: float = Field(
+        4.0, gt=0, description="Largest width × height per model, as a multiple of its native (default) area."
+    )
+    max_json_body_bytes: int = Field(
+        64 * 1024, ge=1024, description="Largest JSON (or form) request body; more → 413 before parsing or auth."
+    )
+    max_upload_bytes: int = Field(
+        20 * 1024 * 1024, ge=1024, description="Largest image upload body (/v1/verify); more → 413."
+    )
+    max_upload_pixels: int = Field(
+        4096 * 4096, ge=64 * 64, description="Largest width × height of an uploaded image, read from its header."
+    )
+    verify_workers: int = Field(2, ge=1, description="Threads that verify uploaded images (a pool of their own).")
+    http_max_connections: int = Field(
+        512, ge=1, description="Concurrent connections + tasks per process; more → 503 (uvicorn limit_concurrency)."
+    )
+    http_keepalive_seconds: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
+    max_streams_per_job: int = Field(4, ge=1, description="Open SSE event streams per job.")
+    max_streams: int = Field(128, ge=1, description="Open SSE event streams per process.")
+    stream_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent when nothing else was.")
+    max_job_result_bytes: int = Field(
+        256 * 1024 * 1024, ge=1024 * 1024, description="Bytes of finished async results kept (oldest dropped first)."
+    )
+    max_release_backlog_bytes: int = Field(
+        512 * 1024 * 1024,
+        ge=1024 * 1024,
+        description="Decoded pixels waiting to be labelled and signed; past it the step loop waits.",
+    )
+    database_connect_timeout_seconds: float = Field(3.0, gt=0, description="Connecting to PostgreSQL.")
+    database_statement_timeout_seconds: float = Field(10.0, gt=0, description="One PostgreSQL statement.")
+    database_pool_size: int = Field(4, ge=1, description="PostgreSQL connections per process.")
+    review_session_seconds: float = Field(8 * 3600.0, gt=0, description="A reviewer's page session lasts this.")
+    cookie_secure: bool = Field(False, description="Mark the reviewer session cookie Secure (serving over TLS).")
     max_rows_per_forward: int = Field(16, ge=2, description="UNet rows per forward pass (uncond rows count).")
     max_queued_images: int = Field(64, ge=1, description="Images accepted but not yet running; more → 429.")
     scheduling_policy: Literal["short_first", "fifo"] = Field(

@@ -11,9 +11,7 @@ from app.api.keys import KeyRing
 from app.api.quotas import Quotas
 from app.engine.engine import Engine
 from app.engine.jobs import JobStore
-from app.gate.c2pa_manifest import ManifestSigner
-from app.gate.policy import Policy
-from app.gate.review import ReviewStore
+from app.gate.gate import Gate
 from app.metrics import Metrics
 from app.pipeline.loading import LoadedModel, LoadFailure
 from app.pipeline.prompts import PromptCache
@@ -28,13 +26,11 @@ class Services:
     metrics: Metrics
     cache: PromptCache
     jobs: JobStore
-    policy: Policy
+    gate: Gate
     keys: KeyRing | None = None
     quotas: Quotas = field(default_factory=Quotas)
     draining: bool = False
     engine: Engine | None = None
-    signer: ManifestSigner | None = None
-    reviews: ReviewStore | None = None
     signer_notes: list[str] = field(default_factory=list)
     models: dict[str, LoadedModel] = field(default_factory=dict)
     failures: list[LoadFailure] = field(default_factory=list)

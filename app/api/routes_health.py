@@ -31,10 +31,10 @@ async def readyz(services: ServicesDep) -> JSONResponse:
         "models": models,
         "failed_models": {f.name: f.error for f in services.failures},
         "signer": None
-        if services.signer is None
+        if (signer := services.gate.signer) is None
         else {
-            "subject": services.signer.identity.subject,
-            "trusted": not services.signer.identity.development,
+            "subject": signer.identity.subject,
+            "trusted": not signer.identity.development,
             "notes": services.signer_notes,
         },
     }

@@ -6,7 +6,7 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
@@ -15,6 +15,7 @@ from fastapi.responses import JSONResponse
 from app.api.access import GenerateCaller, charge
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
+from app.api.keys import Caller
 from app.api.responses import images_response, job_body
 from app.api.schemas import ImageGenerationBody, ImagesResponse
 from app.api.validation import resolve
@@ -27,17 +28,15 @@ from app.logs import request_id
 router = APIRouter()
 
 
-def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest) -> GenerationRequest:
-    """The gate's policy on the declared use and the prompt: blocked requests never reach the engine,
-    held ones are generated but kept for a reviewer."""
+def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest, caller: Caller) -> GenerationRequest:
+    """The gate's policy on the declared use and on the prompt as the model's tokenizer reads it: blocked
+    requests never reach the engine, held ones are generated but kept for a reviewer."""
     use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
-    decision = services.policy.decide(use, body.prompt, body.negative_prompt or "")
-    services.metrics.observe_gate_decision(decision.outcome)
-    if decision.outcome == "blocked":
-        raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(decision.reasons))
-    if decision.outcome == "human_review":
-        return replace(req, hold_reasons=decision.reasons, use=tuple(asdict(use).items()))
-    return req
+    readings = services.models[req.model].text_encoder.read_back(req.prompt)
+    screening = services.gate.screen(use, req.prompt, caller.name, [readings])
+    if screening.verdict == "block":
+        raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(screening.reasons))
+    return replace(req, screening=screening)
 
 
 def ready_engine(services: Services) -> Engine:
@@ -57,7 +56,7 @@ async def generate(
     prefer: Annotated[str | None, Header()] = None,
 ) -> ImagesResponse | JSONResponse:
     engine = ready_engine(services)
-    req = screen(services, body, resolve(body, services.models, services.settings, request_id()))
+    req = screen(services, body, resolve(body, services.models, services.settings, request_id()), caller)
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})

@@ -17,9 +17,8 @@ from app.api.access import REVIEWER_COOKIE, caller_for_key
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Role
-from app.api.routes_reviews import store
-from app.gate import release
-from app.gate.review import Review, ReviewError
+from app.api.routes_reviews import gate
+from app.state.reviews import Review, ReviewError
 
 router = APIRouter(include_in_schema=False)
 
@@ -64,7 +63,7 @@ async def review_page(request: Request, services: ServicesDep) -> Response:
             '<form method="post" action="/review/login"><label>Reviewer key '
             '<input type="password" name="key"></label> <button>Sign in</button></form>'
         )
-    pending = await asyncio.to_thread(store(services).find, "pending")
+    pending = await asyncio.to_thread(gate(services).find, "pending")
     return page("".join(item(r) for r in pending) or "<p id='empty'>Nothing is waiting for review.</p>")
 
 
@@ -95,16 +94,13 @@ async def decide(review_id: str, decision: str, request: Request, services: Serv
     who = reviewer_name(services, request.cookies.get(REVIEWER_COOKIE, ""))
     if who is None:
         raise APIError(401, "invalid_reviewer_key", "sign in at /review first")
-    reviews = store(services)
+    reviewing = gate(services)
     try:
         if decision == "approve":
-            signer = services.signer
-            await asyncio.to_thread(
-                reviews.approve, review_id, who, lambda p, rec, fmt, c: release(p, rec, fmt, c, signer)
-            )
+            await asyncio.to_thread(reviewing.approve, review_id, who)
         elif decision == "reject":
             note = parse_qs((await request.body()).decode()).get("note", [""])[0]
-            await asyncio.to_thread(reviews.reject, review_id, who, note)
+            await asyncio.to_thread(reviewing.reject, review_id, who, note)
         else:
             raise APIError(404, "not_found", "unknown decision")
     except ReviewError as exc:

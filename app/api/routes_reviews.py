@@ -18,22 +18,29 @@ from pydantic import BaseModel
 from app.api.access import GenerateCaller, ReviewCaller
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
+from app.api.keys import Role
 from app.api.schemas import ImageOut
-from app.gate import release
-from app.gate.review import Review, ReviewError, ReviewStore
+from app.gate.gate import Gate
+from app.state.reviews import Review, ReviewError
 
 router = APIRouter()
-ERROR_STATUS = {"review_not_found": 404, "review_decided": 409, "review_pending": 409, "review_rejected": 410}
+ERROR_STATUS = {
+    "review_not_found": 404,
+    "review_decided": 409,
+    "review_pending": 409,
+    "review_rejected": 410,
+    "review_unavailable": 503,
+}
 
 
 class Decision(BaseModel):
     note: str = ""
 
 
-def store(services: Services) -> ReviewStore:
-    if services.reviews is None:
-        raise APIError(503, "not_ready", "the review store is not open yet")
-    return services.reviews
+def gate(services: Services) -> Gate:
+    if services.gate.reviews is None:
+        raise APIError(503, "not_ready", "the review store is not open yet", headers={"Retry-After": "5"})
+    return services.gate
 
 
 def review_out(r: Review) -> dict[str, Any]:
@@ -53,39 +60,37 @@ async def call(fn: Any, *args: Any) -> Any:
 async def list_reviews(services: ServicesDep, _: ReviewCaller, status: str = "pending") -> dict[str, Any]:
     if status not in ("pending", "approved", "rejected"):
         raise APIError(400, "invalid_value", "status must be pending, approved or rejected", "status")
-    reviews = await call(store(services).find, status)
+    reviews = await call(gate(services).find, status)
     return {"object": "list", "data": [review_out(r) for r in reviews]}
 
 
 @router.get("/v1/reviews/{review_id}")
 async def get_review(review_id: str, services: ServicesDep, _: ReviewCaller) -> dict[str, Any]:
-    reviews = store(services)
-    review = await call(reviews.get, review_id)
-    return {**review_out(review), "audit": await call(reviews.audit, review_id)}
+    review, audit = await call(gate(services).review, review_id)
+    return {**review_out(review), "audit": audit}
 
 
 @router.get("/v1/reviews/{review_id}/image")
-async def held_image(review_id: str, services: ServicesDep, _: ReviewCaller) -> Response:
-    png = await call(store(services).held_pixels, review_id)
+async def held_image(review_id: str, services: ServicesDep, who: ReviewCaller) -> Response:
+    png = await call(gate(services).held_image, review_id, who.name)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
 
 
 @router.post("/v1/reviews/{review_id}/approve")
 async def approve(review_id: str, services: ServicesDep, who: ReviewCaller) -> dict[str, Any]:
-    def labelled(pixels: Any, record: Any, fmt: str, compression: int | None) -> Any:
-        return release(pixels, record, fmt, compression, services.signer)
-
-    return review_out(await call(store(services).approve, review_id, who.name, labelled))
+    return review_out(await call(gate(services).approve, review_id, who.name))
 
 
 @router.post("/v1/reviews/{review_id}/reject")
 async def reject(review_id: str, services: ServicesDep, who: ReviewCaller, body: Decision | None = None) -> dict:
-    return review_out(await call(store(services).reject, review_id, who.name, body.note if body else ""))
+    return review_out(await call(gate(services).reject, review_id, who.name, body.note if body else ""))
 
 
 @router.get("/v1/reviews/{review_id}/result")
-async def result(review_id: str, services: ServicesDep, _: GenerateCaller) -> dict[str, Any]:
-    """For the requester: the labelled, signed image once approved (the review id is the capability)."""
-    review, data = await call(store(services).released, review_id)
+async def result(review_id: str, services: ServicesDep, caller: GenerateCaller) -> dict[str, Any]:
+    """For the requester: the labelled, signed image once approved. With keys, only the key that asked for it
+    (or an admin) may fetch it."""
+    owner_only = services.keys is not None and not caller.may(Role.admin)
+    review, data = await call(gate(services).result, review_id, caller.name, owner_only)
     out = ImageOut.from_held_approved(review.record, review.id, base64.b64encode(data).decode(), review.released_sha256)
     return {"object": "image", "review_id": review.id, "format": review.format, "data": [out.model_dump()]}

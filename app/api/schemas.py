@@ -7,7 +7,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from app.gate import GenerationRecord, ReleasedImage
-from app.gate.review import HeldForReview
+from app.gate.release import HeldForReview
 
 
 class ImageGenerationBody(BaseModel):

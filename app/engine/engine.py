@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -28,9 +28,8 @@ from app.engine.request import (
 )
 from app.engine.runner import Runner, prompt_states
 from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
-from app.gate import GenerationRecord, ReleasedImage, release
-from app.gate.c2pa_manifest import ManifestSigner
-from app.gate.review import HeldForReview, ReviewStore
+from app.gate import ReleasedImage
+from app.gate.release import HeldForReview
 from app.pipeline.loading import LoadedModel
 from app.pipeline.prompts import PromptCache
 
@@ -82,21 +81,8 @@ class EngineObserver:
     on_decode: Callable[[DecodeStats], None] = lambda _: None
 
 
-def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
-    """Image i of a request is reproduced alone by the same request with n=1 and seed + i."""
-    return GenerationRecord(
-        model=req.model,
-        prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
-        sampler=req.sampler,
-        steps=req.steps,
-        guidance_scale=req.guidance_scale,
-        guidance_rescale=req.guidance_rescale,
-        seed=req.seed + image_index,
-        eta=req.eta,
-        width=req.width,
-        height=req.height,
-    )
+# The gate's side of a finished job: its pixels (n, H, W, 3) uint8 in, what may leave out.
+Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | HeldForReview]]
 
 
 class ModelEngine:
@@ -105,13 +91,11 @@ class ModelEngine:
         model: LoadedModel,
         config: EngineConfig,
         cache: PromptCache,
+        finish: Finish,
         observer: EngineObserver | None = None,
-        signer: ManifestSigner | None = None,
-        reviews: ReviewStore | None = None,
     ) -> None:
         self.model = model
-        self.signer = signer
-        self.reviews = reviews
+        self.finish = finish
         self.config = config
         self.cache = cache
         self.observer = observer or EngineObserver()
@@ -325,23 +309,8 @@ class ModelEngine:
                 self._releasing -= 1
 
     def _release_images(self, job: Job, pixels: np.ndarray) -> None:
-        req = job.request
-        images: list[ReleasedImage | HeldForReview] = []
         try:
-            for i in range(req.n):
-                record = image_record(req, i)
-                if req.hold_reasons:
-                    if self.reviews is None:
-                        raise RuntimeError("the policy held an image but no review store is configured")
-                    fmt, compression = req.output.format, req.output.compression
-                    images.append(
-                        self.reviews.hold(pixels[i], record, req.hold_reasons, dict(req.use), fmt, compression)
-                    )
-                    continue
-                image = release(pixels[i], record, req.output.format, req.output.compression, self.signer)
-                if self.reviews is not None:
-                    self.reviews.record_release(image)
-                images.append(image)
+            images = list(self.finish(job.request, pixels))
         except Exception as exc:
             log.exception("release failed for job %s", job.id, extra={"request_id": job.request.request_id})
             self._fail(job, exc, "failed")
@@ -366,11 +335,10 @@ class Engine:
         models: list[LoadedModel],
         config: EngineConfig,
         cache: PromptCache,
+        finish: Finish,
         observer: EngineObserver | None = None,
-        signer: ManifestSigner | None = None,
-        reviews: ReviewStore | None = None,
     ) -> None:
-        self.workers = {m.name: ModelEngine(m, config, cache, observer, signer, reviews) for m in models}
+        self.workers = {m.name: ModelEngine(m, config, cache, finish, observer) for m in models}
 
     def start(self) -> None:
         for w in self.workers.values():

@@ -15,7 +15,8 @@ from app.samplers import Sampler, SamplerPlan
 
 if TYPE_CHECKING:
     from app.gate import ReleasedImage
-    from app.gate.review import HeldForReview
+    from app.gate.gate import Screening
+    from app.gate.release import HeldForReview
 
 
 @dataclass(frozen=True)
@@ -43,8 +44,7 @@ class GenerationRequest:
     request_id: str = ""
     user: str | None = None
     guidance_rescale: float = 0.0
-    hold_reasons: tuple[str, ...] = ()  # set when the release policy holds the images for human review
-    use: tuple[tuple[str, object], ...] = ()  # the declared use, stored with held images
+    screening: Screening | None = None  # the gate's decision, made before compute; the engine passes it on
 
 
 @dataclass(frozen=True)

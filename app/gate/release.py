@@ -69,6 +69,15 @@ class ReleasedImage:
         return MEDIA_TYPES[self.format]
 
 
+@dataclass(frozen=True)
+class HeldForReview:
+    """What a response carries for an image the policy held: no pixels, a review id."""
+
+    review_id: str
+    record: GenerationRecord
+    reasons: tuple[str, ...]
+
+
 def release(
     pixels: np.ndarray,
     record: GenerationRecord,

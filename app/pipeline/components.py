@@ -33,6 +33,11 @@ class TextEncoder:
         mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
         return self.model(tokens.input_ids.to(device), attention_mask=mask)[0]
 
+    def read_back(self, prompt: str) -> str:
+        """The prompt as this encoder reads it: its tokenizer's round trip (normalised, without specials)."""
+        ids = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
 
 @dataclass(frozen=True, eq=False)
 class Denoiser:

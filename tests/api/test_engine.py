@@ -15,6 +15,8 @@ from PIL import Image
 from app.engine.engine import EngineConfig, ModelEngine
 from app.engine.request import GenerationRequest, GenerationResult, OutputSpec
 from app.engine.scheduler import SchedulerConfig, StepBatch, StepResult
+from app.gate.gate import Gate, Screening
+from app.gate.policy import Policy, Use
 from app.pipeline.loading import LoadedModel, load_model
 from app.pipeline.prompts import PromptCache
 
@@ -23,10 +25,11 @@ def request(sampler: str, steps: int, guidance: float, seed: int, n: int = 1, ne
     return GenerationRequest(
         model="tiny-eps", prompt=f"a {sampler} mug", negative_prompt=negative, n=n, width=16, height=16, steps=steps,
         guidance_scale=guidance, seed=seed, sampler=sampler, eta=0.3 if sampler == "ddim" else 0.0,
-        output=OutputSpec(),
+        output=OutputSpec(), screening=Screening("release", (), Use(), "test"),
     )  # fmt: skip
 
 
+GATE = Gate(Policy.load())
 MIXED = [
     request("ddim", 6, 3.0, seed=1, n=2),
     request("euler", 4, 1.0, seed=2),
@@ -43,7 +46,7 @@ def model(tiny_models_dir: Path) -> LoadedModel:
 
 @pytest.fixture
 def engine(model: LoadedModel) -> Iterator[tuple[ModelEngine, list[StepBatch]]]:
-    eng = ModelEngine(model, EngineConfig(SchedulerConfig(max_rows_per_forward=16)), PromptCache())
+    eng = ModelEngine(model, EngineConfig(SchedulerConfig(max_rows_per_forward=16)), PromptCache(), GATE.finish)
     seen: list[StepBatch] = []
     run = eng.runner.run
 

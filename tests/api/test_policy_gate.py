@@ -51,7 +51,7 @@ def test_a_campaign_background_is_generated(client: TestClient, submitted: list[
     ("fields", "reason"),
     [
         ({"claims_real_sku": True}, "real SKU"),
-        ({"prompt": "a mug with the Nike logo"}, "Nike"),
+        ({"prompt": "a mug with the Nike logo"}, "nike"),
         ({"asset_type": "product_detail_view"}, "product_detail_view"),
     ],
 )

@@ -40,8 +40,11 @@ def test_no_pixels_before_approval_then_labelled_and_signed(client: TestClient) 
     assert_labeled_synthetic(decode_image(result["data"][0]["b64_json"]), "tiny-eps")
     assert read_manifest(data, "image/png").state == "Valid"
     audit = client.get(f"/v1/reviews/{review_id}", headers=AUTH).json()["audit"]
-    assert [a["event"] for a in audit] == ["held", "approved"]
-    assert audit[-1]["sha256"] == hashlib.sha256(data).hexdigest() == approved["released_sha256"]
+    # who asked (the admin key "ops"), who looked and decided (alice), who fetched the result
+    assert [(a["event"], a["actor"]) for a in audit] == [
+        ("held", "ops"), ("viewed", "alice"), ("approved", "alice"), ("fetched", "ops")
+    ]  # fmt: skip
+    assert audit[2]["sha256"] == hashlib.sha256(data).hexdigest() == approved["released_sha256"]
     again = client.post(f"/v1/reviews/{review_id}/approve", headers=AUTH)
     assert again.status_code == 409 and again.json()["error"]["code"] == "review_decided"
 

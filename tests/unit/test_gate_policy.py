@@ -22,7 +22,7 @@ def test_a_campaign_background_is_released_with_labels() -> None:
         (Use("campaign_background", claims_real_sku=True), "a red mug", "claims a real SKU"),
         (Use("lifestyle_scene", contains_logo=True), "a mug on a desk", "declares a logo"),
         (Use("product_detail_view"), "close-up of the mug handle", "asset_type product_detail_view"),
-        (Use("campaign_background"), "a mug with the Nike logo", "'Nike'"),
+        (Use("campaign_background"), "a mug with the Nike logo", "'nike'"),
         (Use("campaign_background"), "mug, SKU 88-1234-X, studio light", "SKU-like identifier"),
         (Use("campaign_background"), "bottle labelled UPC 012345678905", "SKU-like identifier"),
         (Use("unknown_use"), "a mug", "asset_type unknown_use"),
