@@ -24,10 +24,16 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.command == "verify":
-        from app.gate.verify import verify
+        from app.gate.verify import VerifyError, verify
 
+        failed = False
         for path in args.files:
-            print(json.dumps({"file": str(path), **verify(path.read_bytes())}, indent=2))
+            try:
+                print(json.dumps({"file": str(path), **verify(path.read_bytes())}, indent=2))
+            except (VerifyError, OSError) as exc:
+                print(f"{path}: {exc}", file=sys.stderr)
+                failed = True
+        sys.exit(1 if failed else 0)
     elif args.command == "new-key":
         from app.api.keys import hash_key, new_key
 

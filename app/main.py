@@ -89,9 +89,12 @@ def load_and_start(services: Services) -> None:
             policy=settings.scheduling_policy,
         ),
         deadline_seconds=settings.request_deadline_seconds,
+        max_release_backlog_bytes=settings.max_release_backlog_bytes,
     )
     m = services.metrics
-    observer = EngineObserver(on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode)
+    observer = EngineObserver(
+        on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode, on_non_finite=m.observe_non_finite
+    )
     engine = Engine(models, config, services.cache, services.gate.finish, observer)
     engine.start()
     services.engine = engine

@@ -9,7 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
-from app.engine.engine import DecodeStats, JobStats, StepStats
+from app.engine.engine import DecodeStats, JobStats, NonFiniteStats, StepStats
 
 LATENCY_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 STEP_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -131,6 +131,10 @@ class Metrics:
             ["model", "sampler"],
             registry=r,
         )
+        self.non_finite = Counter(
+            "imagegen_non_finite_images_total", "Images whose latent or pixels were not finite (never released).",
+            ["model", "sampler"], registry=r,
+        )  # fmt: skip
         self.gate_decisions = Counter(
             "imagegen_gate_decisions_total", "Release-policy decisions on requests.", ["outcome"], registry=r
         )
@@ -157,6 +161,9 @@ class Metrics:
             self.unet_rows.labels(s.model, "uncond").inc(s.uncond_rows)
         if s.padded_rows:
             self.unet_rows.labels(s.model, "padding").inc(s.padded_rows)
+
+    def observe_non_finite(self, s: NonFiniteStats) -> None:
+        self.non_finite.labels(s.model, s.sampler).inc(s.images)
 
     def observe_decode(self, d: DecodeStats) -> None:
         self.decode_seconds.labels(d.model).observe(d.seconds)

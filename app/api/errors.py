@@ -35,9 +35,15 @@ class APIError(Exception):
         self.status, self.code, self.message, self.param, self.headers = status, code, message, param, headers
 
 
+def _printable(text: str | None) -> str | None:
+    """Error texts may echo what a client sent: never let an unencodable character turn a 4xx into a 500."""
+    return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
+
+
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
+    message, param = _printable(message) or "", _printable(param)
     body = {
         "error": {"code": code, "message": message, "param": param, "type": ERROR_TYPES.get(status, "server_error")}
     }

@@ -13,13 +13,13 @@ from typing import Any
 
 from fastapi import APIRouter
 from fastapi.responses import Response
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from app.api.access import GenerateCaller, ReviewCaller
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Role
-from app.api.schemas import ImageOut
+from app.api.schemas import ImageOut, Text
 from app.gate.gate import Gate
 from app.state.reviews import Review, ReviewError
 
@@ -34,7 +34,7 @@ ERROR_STATUS = {
 
 
 class Decision(BaseModel):
-    note: str = ""
+    note: Text = Field("", max_length=2000)
 
 
 def gate(services: Services) -> Gate:

@@ -1,28 +1,115 @@
-"""POST /v1/verify: an image in the body, its labels out (C2PA state, XMP, watermark)."""
+"""POST /v1/verify: an image in the body, its labels out (C2PA state, XMP, watermark).
+
+The body is untrusted: its size, format and pixel count are checked before it is decoded, the work runs
+in a small pool of its own (a flood of uploads cannot take the threads that encode responses), and each
+call counts against the caller's quota like a generation.
+"""
 
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, FastAPI, Request
 
-from app.api.access import authenticate
+from app.api.access import CallerDep, charge
+from app.api.deps import ServicesDep
 from app.api.errors import APIError
-from app.gate.verify import NotAnImage, verify
+from app.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, VerifyError, verify
 
-router = APIRouter(dependencies=[Depends(authenticate)])  # any valid key
-MAX_BYTES = 20 * 1024 * 1024
+router = APIRouter()
+T = TypeVar("T")
+_NO_RETRY = {"x-should-retry": "false"}  # the same bytes get the same answer
+
+
+class VerifyBusy(Exception):
+    pass
+
+
+class VerifyPool:
+    """``workers`` threads, and at most ``2 × workers`` more calls waiting for one; past that, VerifyBusy."""
+
+    def __init__(self, workers: int) -> None:
+        self._executor = ThreadPoolExecutor(workers, thread_name_prefix="verify")
+        self._limit = 3 * workers  # running + waiting
+        self._in_flight = 0
+        self._lock = threading.Lock()  # the done callback runs on a worker thread
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def submit(self, fn: Callable[[], T]) -> Future[T]:
+        with self._lock:
+            if self._in_flight >= self._limit:
+                raise VerifyBusy
+            self._in_flight += 1
+        future = self._executor.submit(fn)
+        future.add_done_callback(self._done)  # counts a call until its thread is done, even if the client left
+        return future
+
+    def _done(self, _: Future[Any]) -> None:
+        with self._lock:
+            self._in_flight -= 1
+
+
+def verify_pool(app: FastAPI, workers: int) -> VerifyPool:
+    """The app's pool, made on first use (no await between the look-up and the store: no race)."""
+    pool: VerifyPool | None = getattr(app.state, "verify_pool", None)
+    if pool is None:
+        pool = app.state.verify_pool = VerifyPool(workers)
+    return pool
+
+
+def _too_large(limit: int) -> APIError:
+    return APIError(413, "payload_too_large", f"images up to {limit} bytes", headers=_NO_RETRY)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused as soon as it passes ``limit`` bytes (by its Content-Length, or while it streams)."""
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise _too_large(limit)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def _refusal(exc: VerifyError) -> APIError:
+    if isinstance(exc, NotAnImage):
+        return APIError(415, "unsupported_media_type", "send a PNG, JPEG or WebP image", headers=_NO_RETRY)
+    if isinstance(exc, ImageTooLarge):
+        return APIError(413, "image_too_large", str(exc), headers=_NO_RETRY)
+    assert isinstance(exc, InvalidImage)
+    return APIError(400, "invalid_image", str(exc), headers=_NO_RETRY)
 
 
 @router.post("/v1/verify")
-async def verify_image(request: Request) -> dict[str, Any]:
-    data = await request.body()
-    if not data:
-        raise APIError(400, "empty_body", "send the image bytes as the request body")
-    if len(data) > MAX_BYTES:
-        raise APIError(413, "too_large", f"images up to {MAX_BYTES} bytes")
+async def verify_image(request: Request, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
+    settings = services.settings
+    release = charge(services, caller)  # before the upload is read: an over-quota caller costs nothing
     try:
-        return await asyncio.to_thread(verify, data)
-    except NotAnImage as exc:
-        raise APIError(415, "not_an_image", str(exc)) from exc
+        data = await read_body(request, settings.max_upload_bytes)
+        if not data:
+            raise APIError(400, "empty_body", "send the image bytes as the request body")
+        job = functools.partial(verify, data, max_pixels=settings.max_upload_pixels)
+        try:
+            future = verify_pool(request.app, settings.verify_workers).submit(job)
+        except VerifyBusy as exc:
+            busy = "too many images are being verified; retry shortly"
+            raise APIError(429, "verify_busy", busy, headers={"Retry-After": "1"}) from exc
+        try:
+            return await asyncio.wrap_future(future)
+        except VerifyError as exc:
+            raise _refusal(exc) from exc
+    finally:
+        release()

@@ -2,42 +2,60 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import re
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
 
 from app.gate import GenerationRecord, ReleasedImage
 from app.gate.release import HeldForReview
+
+# Lone surrogates, C0/C1 controls but tab and newlines, and Unicode non-characters: no valid text holds them,
+# and a surrogate cannot even be encoded as UTF-8 (for the tokenizer, the database, a JSON response).
+_INVALID_TEXT = re.compile(
+    "[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+
+
+def valid_text(value: str) -> str:
+    if (bad := _INVALID_TEXT.search(value)) is not None:
+        raise ValueError(f"contains U+{ord(bad.group()):04X}, which is not valid text")
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
 
 
 class ImageGenerationBody(BaseModel):
     """OpenAI's Images API generate body, plus the diffusion fields."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    prompt: str
-    model: str | None = None
+    prompt: Text
+    model: Text | None = Field(None, max_length=256)
     n: int = 1
-    size: str | None = Field(None, description='"WxH" (or "auto" for the model default)')
-    response_format: str | None = Field(None, description="only b64_json")
+    size: Text | None = Field(None, description='"WxH" (or "auto" for the model default)')
+    response_format: Text | None = Field(None, description="only b64_json")
     output_format: Literal["png", "jpeg", "webp"] = "png"
     output_compression: int | None = Field(None, ge=0, le=100)
-    user: str | None = None
+    user: Text | None = Field(None, max_length=256)
     # Accepted for OpenAI compatibility; they do not change diffusion sampling.
-    quality: str | None = None
-    style: str | None = None
-    background: str | None = None
-    moderation: str | None = None
+    quality: Text | None = Field(None, max_length=256)
+    style: Text | None = Field(None, max_length=256)
+    background: Text | None = Field(None, max_length=256)
+    moderation: Text | None = Field(None, max_length=256)
     # Diffusion fields.
-    negative_prompt: str | None = None
+    negative_prompt: Text | None = None
     num_inference_steps: int | None = None
     guidance_scale: float | None = None
     guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="φ of Lin et al. 2023 (0 = off)")
     seed: int | None = Field(None, ge=0, le=2**32 - 1)
-    sampler: str | None = None
+    sampler: Text | None = Field(None, max_length=64)
     eta: float | None = Field(None, ge=0.0, le=1.0)
     # What the image is for: the release gate's policy decides on it (app/gate/default_policy.toml).
-    asset_type: str = Field("campaign_background", max_length=64)
+    asset_type: Text = Field("campaign_background", max_length=64)
     claims_real_sku: bool = False
     contains_logo: bool = False
 

@@ -14,7 +14,7 @@ from app.engine.request import GenerationRequest, OutputSpec
 from app.pipeline.loading import LoadedModel
 from app.settings import Settings
 
-SIZE = re.compile(r"^(\d{1,5})x(\d{1,5})$")
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, the whole string (no trailing newline)
 
 
 def bad(code: str, message: str, param: str) -> APIError:
@@ -34,7 +34,7 @@ def pick_model(name: str | None, models: dict[str, LoadedModel], settings: Setti
 def parse_size(size: str | None, model: LoadedModel, settings: Settings) -> tuple[int, int]:
     if size is None or size == "auto":
         return model.defaults.width, model.defaults.height
-    m = SIZE.match(size)
+    m = SIZE.fullmatch(size)
     if not m:
         raise bad("invalid_size", f'size must look like "512x512", got {size!r}', "size")
     width, height = int(m.group(1)), int(m.group(2))

@@ -7,7 +7,7 @@ import asyncio
 from fastapi import Request
 
 from app.api.errors import APIError
-from app.engine.engine import Engine
+from app.engine.engine import Engine, NonFiniteOutput
 from app.engine.request import DeadlineExceeded, GenerationRequest, GenerationResult, Job, JobCancelled
 from app.engine.scheduler import QueueFull
 
@@ -42,3 +42,5 @@ async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> 
         raise APIError(504, "deadline_exceeded", str(exc)) from exc
     except JobCancelled as exc:
         raise APIError(409, "job_cancelled", "the job was cancelled") from exc
+    except NonFiniteOutput as exc:
+        raise APIError(500, "non_finite_output", str(exc)) from exc

@@ -27,7 +27,7 @@ from app.engine.request import (
     RowState,
 )
 from app.engine.runner import Runner, prompt_states
-from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig
+from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
 from app.gate import ReleasedImage
 from app.gate.release import HeldForReview
 from app.pipeline.loading import LoadedModel
@@ -40,6 +40,15 @@ log = logging.getLogger(__name__)
 class EngineConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     deadline_seconds: float | None = None
+    max_release_backlog_bytes: int = 512 * 1024 * 1024  # decoded pixels waiting for the gate
+
+
+class NonFiniteOutput(RuntimeError):
+    """A row's latent or decoded pixels held NaN or ±inf: the job fails, nothing is released."""
+
+    def __init__(self, images: list[int]) -> None:
+        super().__init__(f"the model produced non-finite values for image(s) {images}; nothing was released")
+        self.images = images
 
 
 @dataclass(frozen=True)
@@ -74,15 +83,28 @@ class DecodeStats:
     seconds: float
 
 
+@dataclass(frozen=True)
+class NonFiniteStats:
+    model: str
+    sampler: str
+    images: int
+
+
 @dataclass
 class EngineObserver:
     on_step: Callable[[StepStats], None] = lambda _: None
     on_job: Callable[[JobStats], None] = lambda _: None
     on_decode: Callable[[DecodeStats], None] = lambda _: None
+    on_non_finite: Callable[[NonFiniteStats], None] = lambda _: None
 
 
 # The gate's side of a finished job: its pixels (n, H, W, 3) uint8 in, what may leave out.
 Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | HeldForReview]]
+
+
+def jobs_of(rows: Sequence[RowState]) -> list[Job]:
+    """The distinct jobs of some rows, in row order."""
+    return list({id(r.job): r.job for r in rows if r.job is not None}.values())
 
 
 class ModelEngine:
@@ -107,6 +129,7 @@ class ModelEngine:
         self._active: dict[str, Job] = {}
         self._stopping = False
         self._releasing = 0  # jobs handed to the release pool and not yet resolved
+        self._releasing_bytes = 0  # their decoded pixels
         self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
         self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
 
@@ -211,17 +234,14 @@ class ModelEngine:
         for row in batch.rows:
             if row.job is not None and row.job.first_step_at is None:
                 row.job.first_step_at, row.job.state = now, "running"
-        try:
-            result = self.runner.run(batch)
-            stepped = time.monotonic()
-            for row in batch.rows:
-                if row.job is not None and row.job.first_step_done_at is None:
-                    row.job.first_step_done_at = stepped
-        except Exception as exc:  # a failed forward fails the jobs in it, not the engine
-            log.exception("step failed on %s", self.model.name)
-            for job in {id(r.job): r.job for r in batch.rows if r.job is not None}.values():
-                self._fail(job, exc, "failed")
+        ran = self._run(batch)
+        if ran is None:
             return True
+        batch, result = ran
+        stepped = time.monotonic()
+        for row in batch.rows:
+            if row.job is not None and row.job.first_step_done_at is None:
+                row.job.first_step_done_at = stepped
         with self._cv:
             finished = self.scheduler.update(batch, result)
             queued, running = self.scheduler.queued_images, self.scheduler.running_rows
@@ -276,30 +296,90 @@ class ModelEngine:
         if not job.future.done():
             job.future.set_exception(exc)
 
+    def _run(self, batch: StepBatch) -> tuple[StepBatch, StepResult] | None:
+        """Run one step. If it fails with several jobs in it, run each job's rows alone once: only the job
+        that breaks the forward fails. Returns the rows that stepped (None: none did)."""
+        try:
+            return batch, self.runner.run(batch)
+        except Exception as exc:
+            jobs = jobs_of(batch.rows)
+            if len(jobs) == 1:
+                log.exception("step failed on %s", self.model.name)
+                self._fail(jobs[0], exc, "failed")
+                return None
+            log.warning("a step of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
+        stepped: list[RowState] = []
+        seconds = 0.0
+        for job in jobs:
+            rows = tuple(r for r in batch.rows if r.job is job)
+            cost = sum(r.cost for r in rows)
+            try:
+                seconds += self.runner.run(StepBatch(rows, cost, cost)).seconds
+            except Exception as exc:
+                log.exception("step failed for job %s", job.id, extra={"request_id": job.request.request_id})
+                self._fail(job, exc, "failed")
+                continue
+            stepped += rows
+        if not stepped:
+            return None
+        cost = sum(r.cost for r in stepped)
+        return StepBatch(tuple(stepped), cost, cost), StepResult(seconds)
+
+    def _decode(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
+        """Decode the rows of ``jobs`` in one VAE batch; if that fails, each job alone once."""
+        try:
+            pixels, finite = self.runner.decode([row for job in jobs for row in job.rows])
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("decode failed on %s", self.model.name)
+                self._fail(jobs[0], exc, "failed")
+                return []
+            log.warning("a decode of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
+            out = []
+            for job in jobs:
+                try:
+                    out.append((job, *self.runner.decode(job.rows)))
+                except Exception as exc:
+                    log.exception("decode failed for job %s", job.id, extra={"request_id": job.request.request_id})
+                    self._fail(job, exc, "failed")
+            return out
+        out, offset = [], 0
+        for job in jobs:
+            n = len(job.rows)
+            out.append((job, pixels[offset : offset + n], finite[offset : offset + n]))
+            offset += n
+        return out
+
     def _complete(self, finished: list[RowState]) -> None:
         """Decode every job whose last row just finished, in one VAE batch, and release its images."""
         jobs = {id(r.job): r.job for r in finished if r.job is not None and all(x.done for x in r.job.rows)}
         if not jobs:
             return
-        done = list(jobs.values())
         started = time.perf_counter()
-        try:
-            pixels = self.runner.decode([row for job in done for row in job.rows])
-        except Exception as exc:
-            log.exception("decode failed on %s", self.model.name)
-            for job in done:
-                self._fail(job, exc, "failed")
-            return
-        self.observer.on_decode(DecodeStats(self.model.name, len(pixels), time.perf_counter() - started))
-        offset = 0
-        for job in done:
+        decoded = self._decode(list(jobs.values()))
+        if decoded:
+            images = sum(len(p) for _, p, _ in decoded)
+            self.observer.on_decode(DecodeStats(self.model.name, images, time.perf_counter() - started))
+        for job, pixels, finite in decoded:
+            if not finite.all():  # never a black square labelled as a success
+                bad = [i for i, ok in enumerate(finite) if not ok]
+                self.observer.on_non_finite(NonFiniteStats(self.model.name, job.request.sampler, len(bad)))
+                log.error("job %s: images %s are not finite", job.id, bad, extra={"request_id": job.request.request_id})
+                self._fail(job, NonFiniteOutput(bad), "non_finite_output")
+                continue
+            self._wait_for_release_room(pixels.nbytes)
             with self._cv:
                 self._active.pop(job.id, None)
                 self._releasing += 1
-            images = pixels[offset : offset + job.request.n]
-            offset += job.request.n
+                self._releasing_bytes += pixels.nbytes
             # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
-            self._release_pool.submit(self._release, job, images)
+            self._release_pool.submit(self._release, job, pixels)
+
+    def _wait_for_release_room(self, nbytes: int) -> None:
+        """Backpressure: while decoded pixels waiting for the gate exceed their budget, the step loop waits."""
+        with self._cv:
+            while self._releasing and self._releasing_bytes + nbytes > self.config.max_release_backlog_bytes:
+                self._cv.wait(timeout=1.0)
 
     def _release(self, job: Job, pixels: np.ndarray) -> None:
         try:
@@ -307,6 +387,8 @@ class ModelEngine:
         finally:
             with self._cv:
                 self._releasing -= 1
+                self._releasing_bytes -= pixels.nbytes
+                self._cv.notify_all()
 
     def _release_images(self, job: Job, pixels: np.ndarray) -> None:
         try:

@@ -16,7 +16,7 @@ from app.engine.request import GenerationRequest, Job, RowState, row_generator
 from app.engine.scheduler import StepBatch, StepResult
 from app.pipeline.loading import LoadedModel
 from app.pipeline.prompts import PromptCache
-from app.samplers import Sampler
+from app.samplers import Sampler, StepOutput
 from app.samplers.guidance import apply_cfg
 
 
@@ -90,8 +90,8 @@ class Runner:
                 r.step += 1
         return torch.cat([r.x for r in rows])
 
-    def decode(self, rows: list[RowState]) -> np.ndarray:
-        """Finished rows → uint8 images (B, H, W, 3), decoded in one VAE batch."""
+    def decode(self, rows: list[RowState]) -> tuple[np.ndarray, np.ndarray]:
+        """Finished rows → uint8 images (B, H, W, 3) decoded in one VAE batch, and (B,) bool: all finite."""
         return self.model.decoder.decode(torch.cat([r.x for r in rows]))
 
     def forward(self, rows: list[RowState], pad_to: int = 0) -> None:
@@ -127,14 +127,21 @@ class Runner:
         by_sampler: dict[Sampler, list[int]] = defaultdict(list)
         for i, r in enumerate(rows):
             by_sampler[r.sampler].append(i)
+        updates: list[tuple[Sampler, list[RowState], StepOutput]] = []
         for sampler, idx in by_sampler.items():
             if len(by_sampler) == 1:  # the common case: no gather at all
-                self._sampler_step(sampler, rows, x, prediction)
+                updates.append((sampler, rows, self._sampler_step(sampler, rows, x, prediction)))
                 continue
             at = to_device(torch.tensor(idx, dtype=torch.long), device)
-            self._sampler_step(sampler, [rows[i] for i in idx], x[at], prediction[at])
+            group = [rows[i] for i in idx]
+            updates.append((sampler, group, self._sampler_step(sampler, group, x[at], prediction[at])))
+        # Rows change only once every group has stepped: a failure leaves them as they were, to be retried.
+        for sampler, group, result in updates:
+            for j, r in enumerate(group):
+                r.x = result.x_next[j : j + 1]
+                r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
 
-    def _sampler_step(self, sampler: Sampler, rows: list[RowState], x: torch.Tensor, out: torch.Tensor) -> None:
+    def _sampler_step(self, sampler: Sampler, rows: list[RowState], x: torch.Tensor, out: torch.Tensor) -> StepOutput:
         device = self.model.device
         c = to_device(torch.stack([r.plan.coeffs[r.step] for r in rows]), device)  # (B, K)
         previous = None
@@ -149,7 +156,4 @@ class Runner:
                 for r in rows
             ]
             noise = to_device(torch.cat(draws), device)
-        result = sampler.step(x, out, c, previous, noise)
-        for j, r in enumerate(rows):
-            r.x = result.x_next[j : j + 1]
-            r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
+        return sampler.step(x, out, c, previous, noise)

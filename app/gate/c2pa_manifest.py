@@ -136,26 +136,50 @@ class ManifestSigner:
 
 @dataclass(frozen=True)
 class ManifestReport:
-    state: str  # Valid | Trusted | Invalid | absent
+    state: str  # Valid | Trusted | Invalid (c2pa's own) | absent | remote_not_fetched | unreadable
     actions: tuple[dict[str, Any], ...]
     failures: tuple[str, ...]
     claim_generator: str | None = None
     thumbnail: bool = False
 
 
+# An upload may name a remote manifest store, an OCSP responder or other URLs: reading it must never make
+# this service fetch them (SSRF, and a slow host would hold a verify thread). The empty host list refuses
+# whatever network access the two verify switches miss.
+READ_SETTINGS: dict[str, Any] = {
+    "verify": {"remote_manifest_fetch": False, "ocsp_fetch": False},
+    "core": {"allowed_network_hosts": []},
+}
+
+
+def _unreadable(exc: c2pa.C2paError) -> ManifestReport:
+    kind, colon, _ = str(exc).partition(":")  # c2pa's messages start with their error kind
+    if not colon:
+        kind = type(exc).__name__
+    if kind == "Remote":  # the upload holds only a URL of its manifest store, which is not fetched
+        return ManifestReport("remote_not_fetched", (), ())
+    return ManifestReport("unreadable", (), (kind,))
+
+
 def read_manifest(data: bytes, media_type: str) -> ManifestReport:
     try:
-        reader = c2pa.Reader(media_type, io.BytesIO(data))
-    except c2pa.C2paError:
+        # a fresh context per read (well under a millisecond) shares no native state between threads
+        with (
+            c2pa.Context.from_dict(READ_SETTINGS) as context,
+            c2pa.Reader(media_type, io.BytesIO(data), context=context) as reader,
+        ):
+            store = json.loads(reader.json())
+            results = reader.get_validation_results() or {}
+            state = reader.get_validation_state() or "absent"
+    except c2pa.C2paError.ManifestNotFound:
         return ManifestReport("absent", (), ())
-    store = json.loads(reader.json())
+    except c2pa.C2paError as exc:
+        return _unreadable(exc)
     active = store.get("manifests", {}).get(store.get("active_manifest", ""), {})
     actions: tuple[dict[str, Any], ...] = ()
     for assertion in active.get("assertions", []):
         if assertion.get("label", "").startswith("c2pa.actions"):
             actions = tuple(assertion["data"].get("actions", []))
-    results = reader.get_validation_results() or {}
     failures = tuple(f.get("code", "") for f in results.get("activeManifest", {}).get("failure", []))
     info = active.get("claim_generator_info") or [{}]
-    state = reader.get_validation_state() or "absent"
     return ManifestReport(state, actions, failures, info[0].get("name"), "thumbnail" in active)

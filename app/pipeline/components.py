@@ -96,9 +96,12 @@ class Decoder:
         return latents / cfg.scaling_factor + shift
 
     @torch.inference_mode()
-    def decode(self, latents: torch.Tensor) -> np.ndarray:
-        """Latents (B, C, h, w) → uint8 images (B, H, W, 3), rounded as diffusers' image processor does."""
+    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Latents (B, C, h, w) → uint8 images (B, H, W, 3), rounded as diffusers' image processor does, and
+        (B,) bool: the image's latent and decoded values were all finite (NaN would quantise to black)."""
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)
         z = self.unscale(latents).to(self.vae.device, self.vae.dtype)
         image = self.vae.decode(z, return_dict=False)[0].to(torch.float32)
-        image = (image / 2 + 0.5).clamp(0, 1)
-        return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8)
+        finite = finite.to(image.device) & torch.isfinite(image).flatten(1).all(dim=1)
+        image = (torch.nan_to_num(image) / 2 + 0.5).clamp(0, 1)  # non-finite images are flagged, never shown
+        return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8), finite.cpu().numpy()

@@ -26,6 +26,13 @@ class SamplerPlan:
     draws_noise: tuple[bool, ...]  # (N,) whether step i consumes fresh noise from the row's generator
     init_noise_sigma: float  # initial latents = N(0, I) * init_noise_sigma
 
+    def __post_init__(self) -> None:
+        n = len(self.draws_noise)
+        if not (len(self.timesteps) == len(self.input_divisor) == len(self.coeffs) == n) or n == 0:
+            raise ValueError("a plan needs one timestep, divisor, coefficient row and noise flag per step")
+        if not all(bool(torch.isfinite(t).all()) for t in (self.timesteps, self.input_divisor, self.coeffs)):
+            raise ValueError("a plan's timesteps and coefficients must be finite")
+
     @property
     def steps(self) -> int:
         return len(self.draws_noise)
@@ -62,7 +69,8 @@ class Sampler(ABC):
         return self._plans[key]
 
     def max_steps(self) -> int:
-        return self.schedule.num_train_timesteps
+        """Most steps with distinct timesteps inside the training range (``steps_offset`` shifts the grid up)."""
+        return self.schedule.num_train_timesteps - self.schedule.steps_offset
 
     @abstractmethod
     def _plan(self, steps: int, eta: float) -> SamplerPlan: ...

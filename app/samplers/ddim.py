@@ -30,7 +30,9 @@ class DDIM(Sampler):
         a_prev = torch.where(prev >= 0, s.alphas_cumprod[prev.clamp(min=0)], s.final_alpha_cumprod)
         b_t, b_prev = 1 - a_t, 1 - a_prev
         std = eta * ((b_prev / b_t) * (1 - a_t / a_prev)) ** 0.5
-        coeffs = torch.stack([a_t**0.5, b_t**0.5, a_prev**0.5, (1 - a_prev - std**2) ** 0.5, std], dim=1)
+        # With η = 1 and zero terminal SNR, 1 − ᾱ_prev − σ² is 0 up to rounding, and may come out just below it.
+        direction = (1 - a_prev - std**2).clamp(min=0) ** 0.5
+        coeffs = torch.stack([a_t**0.5, b_t**0.5, a_prev**0.5, direction, std], dim=1)
         return SamplerPlan(
             timesteps=t.to(torch.float32),
             input_divisor=torch.ones(steps),

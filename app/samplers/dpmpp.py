@@ -11,11 +11,17 @@ import torch
 
 from app.samplers.base import Sampler, SamplerPlan, StepOutput, column
 from app.samplers.prediction import to_x0_eps_vp
+from app.samplers.schedules import spaced_timesteps
 
 
 class DPMSolverPP2M(Sampler):
     name = "dpmpp_2m"
     uses_history = True
+
+    def max_steps(self) -> int:
+        # Its grid has steps + 1 points: near the training step count they repeat, and a zero log-SNR step
+        # has no second-order term. Half the training steps is far past any use.
+        return self.schedule.num_train_timesteps // 2
 
     def _plan(self, steps: int, eta: float) -> SamplerPlan:
         s = self.schedule
@@ -28,7 +34,7 @@ class DPMSolverPP2M(Sampler):
             stride = num // (steps + 1)
             raw = (np.arange(0, steps + 1) * stride).round()[::-1][:-1] + s.steps_offset
         else:
-            raw = np.arange(num, 0, -num / steps).round() - 1
+            raw = spaced_timesteps(num, steps, "trailing", s.steps_offset)
         t = raw.copy().astype(np.int64)
         all_sigmas = s.sigmas()
         sig = np.interp(t, np.arange(0, len(all_sigmas)), all_sigmas)

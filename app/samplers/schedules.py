@@ -119,4 +119,5 @@ def spaced_timesteps(num_train: int, steps: int, spacing: Spacing, steps_offset:
         ratio = num_train // steps
         return (np.arange(0, steps) * ratio).round()[::-1].copy() + steps_offset
     ratio_f = num_train / steps
-    return np.round(np.arange(num_train, 0, -ratio_f)) - 1
+    # arange over a float stride can yield steps + 1 values (61, 103, 121 steps of 1000): take exactly ``steps``.
+    return np.round(np.arange(num_train, 0, -ratio_f))[:steps] - 1

@@ -72,3 +72,11 @@ def test_student_follows_in_four_steps(client: TestClient, prompt: str, colour: 
 def test_a_random_model_would_miss_the_floor() -> None:
     noise = np.random.default_rng(0).uniform(0, 255, (128, 128, 3)).astype(np.float32)
     assert follows(noise, "red", "white") != (True, True)
+
+
+@pytest.mark.parametrize("steps", [3, 25, 61, 103])
+def test_ddim_with_full_eta_is_a_picture_at_every_step_count(client: TestClient, steps: int) -> None:
+    """η = 1 on a zero-terminal-SNR schedule once put NaN in the first step: a uniform black image, released."""
+    rgb = generate(client, prompt="a red mug on a white background", sampler="ddim", eta=1.0,
+                   num_inference_steps=steps, seed=7)  # fmt: skip
+    assert rgb.std() > 20 and rgb.mean() > 40, (steps, rgb.mean(), rgb.std())

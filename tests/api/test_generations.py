@@ -142,4 +142,4 @@ def test_verify_endpoint(client: TestClient) -> None:
     report = r.json()
     assert report["c2pa"]["state"] == "Valid" and report["watermark"]["checked"] is False
     bad = client.post("/v1/verify", content=b"nope", headers={"content-type": "image/png"})
-    assert bad.status_code == 415 and bad.json()["error"]["code"] == "not_an_image"
+    assert bad.status_code == 415 and bad.json()["error"]["code"] == "unsupported_media_type"

@@ -14,7 +14,7 @@ from PIL import Image
 from app.gate import GenerationRecord, release
 from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from app.gate.labels import DIGITAL_SOURCE_TYPE
-from app.gate.verify import NotAnImage, verify
+from app.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, verify
 from models.recipes.data import sample
 
 RECORD = GenerationRecord("catalog-128", "a red mug", "", "ddim", 25, 3.0, 7, 0.0, 128, 128)
@@ -49,6 +49,20 @@ def test_the_watermark_outlives_the_manifest(signer: ManifestSigner) -> None:
 def test_verify_refuses_what_is_not_an_image() -> None:
     with pytest.raises(NotAnImage):
         verify(b"not an image")
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")  # Pillow reads it; verify() takes PNG, JPEG and WebP only
+    with pytest.raises(NotAnImage):
+        verify(gif.getvalue())
+
+
+def test_verify_caps_pixels_and_refuses_broken_images() -> None:
+    png = io.BytesIO()
+    Image.new("RGB", (64, 64)).save(png, "PNG")
+    assert verify(png.getvalue(), max_pixels=64 * 64)["size"] == [64, 64]
+    with pytest.raises(ImageTooLarge):
+        verify(png.getvalue(), max_pixels=64 * 64 - 1)
+    with pytest.raises(InvalidImage):
+        verify(png.getvalue()[:60])
 
 
 def test_cli_verify(signer: ManifestSigner, tmp_path: Path) -> None:
