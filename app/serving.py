@@ -98,7 +98,11 @@ def serve(settings: Settings) -> None:
 
     def config(asgi: FastAPI, port: int, lifespan: Literal["on", "off"]) -> uvicorn.Config:
         # Our middleware writes the access log, in the service's log format.
-        return uvicorn.Config(asgi, host=settings.host, port=port, lifespan=lifespan, log_config=None, access_log=False)
+        return uvicorn.Config(
+            asgi, host=settings.host, port=port, lifespan=lifespan, log_config=None, access_log=False,
+            limit_concurrency=settings.http_max_connections,  # past it: 503 at once, not an unbounded backlog
+            timeout_keep_alive=settings.http_keepalive_seconds,
+        )  # fmt: skip
 
     main = DrainingServer(config(app, settings.port, "on"), services, settings.drain_seconds)
     servers: list[uvicorn.Server] = [main]

@@ -48,7 +48,7 @@ class Settings(BaseSettings):
     http_max_connections: int = Field(
         512, ge=1, description="Concurrent connections + tasks per process; more → 503 (uvicorn limit_concurrency)."
     )
-    http_keepalive_seconds: float = Field(5.0, gt=0, description="Idle keep-alive connections close after this.")
+    http_keepalive_seconds: int = Field(5, ge=1, description="Idle keep-alive connections close after this.")
     max_streams_per_job: int = Field(4, ge=1, description="Open SSE event streams per job.")
     max_streams: int = Field(128, ge=1, description="Open SSE event streams per process.")
     stream_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent when nothing else was.")

@@ -1,12 +1,13 @@
 """Who may call what: FastAPI dependencies over the key ring and the per-key quotas.
 
 Without a key file the service is open for generation (a laptop, a test) and review is off. With one,
-every route but the probes and /metrics needs ``Authorization: Bearer <key>`` (the review page keeps
-the key in its cookie), and each route family needs a role.
+every route but the probes and /metrics needs ``Authorization: Bearer <key>`` (the review page's
+server-side session signs its reviewer in for reads), and each route family needs a role.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Annotated
 
@@ -16,9 +17,10 @@ from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Caller, Role
 from app.api.quotas import QuotaExceeded
+from app.state.sessions import shared_store
 
 ANONYMOUS = Caller("anonymous", frozenset({Role.generate}))
-REVIEWER_COOKIE = "imagegen_reviewer"
+REVIEWER_COOKIE = "imagegen_session"  # a server-side session's token, never a key
 
 
 def caller_for_key(services: Services, key: str) -> Caller | None:
@@ -27,19 +29,25 @@ def caller_for_key(services: Services, key: str) -> Caller | None:
     return services.keys.caller(key)
 
 
-async def authenticate(  # async: a hash and a dict lookup, no threadpool hop per request
+async def authenticate(  # async: a hash and a dict lookup, no threadpool hop per request with a key
     request: Request,
     services: ServicesDep,
     authorization: Annotated[str | None, Header()] = None,
-    imagegen_reviewer: Annotated[str | None, Cookie()] = None,
+    session: Annotated[str | None, Cookie(alias=REVIEWER_COOKIE)] = None,
 ) -> Caller:
     scheme, _, bearer = (authorization or "").partition(" ")
     token = bearer.strip() if scheme.lower() == "bearer" else ""
-    # The review page's cookie signs in only reads (its <img> tags): a state change needs the header,
+    # The review page's session cookie signs in only reads (its <img> tags): a state change needs the header,
     # so no page of the same site (another port, a sibling subdomain) can post one with the cookie.
-    if not token and request.method in ("GET", "HEAD"):
-        token = imagegen_reviewer or ""
-    caller = caller_for_key(services, token)
+    if not token and session and services.keys is not None and request.method in ("GET", "HEAD"):
+        sessions = shared_store(request.app.state, services.settings.review_database())
+        found = await asyncio.to_thread(sessions.lookup, session)  # a database query: off the event loop
+        # The session's key as the key file has it now: a removed key, or one without the role, is out.
+        caller = services.keys.by_name(found.reviewer) if found is not None else None
+        if caller is not None and not caller.may(Role.review):
+            caller = None
+    else:
+        caller = caller_for_key(services, token)
     if caller is None:
         raise APIError(401, "invalid_api_key", "a valid API key is required", headers={"WWW-Authenticate": "Bearer"})
     request.state.caller = caller.name  # for the access log

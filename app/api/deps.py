@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -18,6 +19,32 @@ from app.pipeline.prompts import PromptCache
 from app.settings import Settings
 
 
+class StreamSlots:
+    """Open SSE streams, bounded per job and per process: each holds a connection and a polling task."""
+
+    def __init__(self, total: int = 128, per_job: int = 4) -> None:
+        self.total, self.per_job = total, per_job
+        self._open: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def acquire(self, job_id: str) -> bool:
+        with self._lock:
+            if sum(self._open.values()) >= self.total or self._open.get(job_id, 0) >= self.per_job:
+                return False
+            self._open[job_id] = self._open.get(job_id, 0) + 1
+            return True
+
+    def release(self, job_id: str) -> None:
+        with self._lock:
+            self._open[job_id] -= 1
+            if not self._open[job_id]:
+                del self._open[job_id]
+
+    def open(self) -> int:
+        with self._lock:
+            return sum(self._open.values())
+
+
 @dataclass
 class Services:
     """Everything the app holds between requests; built in the lifespan, read by routes."""
@@ -29,6 +56,7 @@ class Services:
     gate: Gate
     keys: KeyRing | None = None
     quotas: Quotas = field(default_factory=Quotas)
+    streams: StreamSlots = field(default_factory=StreamSlots)
     draining: bool = False
     engine: Engine | None = None
     signer_notes: list[str] = field(default_factory=list)

@@ -9,6 +9,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from app.state.database import StoreUnavailable
+
 log = logging.getLogger(__name__)
 
 ERROR_TYPES = {
@@ -58,7 +60,8 @@ def _validation_error(_: Request, exc: Exception) -> JSONResponse:
     if first.get("type") == "json_invalid":
         return error_response(400, "invalid_json", f"request body is not valid JSON: {first.get('msg')}")
     code = {"missing": "missing_field", "extra_forbidden": "unknown_field"}.get(first.get("type", ""), "invalid_value")
-    return error_response(422 if code != "invalid_value" else 400, code, f"{param}: {first.get('msg')}", param)
+    message = f"{param}: {first.get('msg')}" if param else str(first.get("msg"))
+    return error_response(422 if code != "invalid_value" else 400, code, message, param)
 
 
 def _api_error(_: Request, exc: Exception) -> JSONResponse:
@@ -68,8 +71,18 @@ def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
+        exc.status_code, "http_error"
+    )
     return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
+
+
+def _store_unavailable(_: Request, exc: Exception) -> JSONResponse:
+    """Any route that reads a store (reviews, reviewer sessions) while the database restarts. The driver's
+    text (hosts, ports) stays in the server's log."""
+    log.warning("a store is unavailable: %s", exc)
+    message = "the review and audit database is unreachable; retry later"
+    return error_response(503, "database_unavailable", message, headers={"Retry-After": "2"})
 
 
 def _unexpected(_: Request, exc: Exception) -> JSONResponse:
@@ -81,4 +94,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(APIError, _api_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(StoreUnavailable, _store_unavailable)
     app.add_exception_handler(Exception, _unexpected)

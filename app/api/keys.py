@@ -55,6 +55,7 @@ def new_key() -> str:
 class KeyRing:
     def __init__(self, callers_by_hash: dict[str, Caller]) -> None:
         self._by_hash = callers_by_hash
+        self._by_name = {c.name: c for c in callers_by_hash.values()}
 
     @classmethod
     def load(cls, path: Path) -> KeyRing:
@@ -87,6 +88,10 @@ class KeyRing:
 
     def caller(self, key: str) -> Caller | None:
         return self._by_hash.get(hash_key(key)) if key else None
+
+    def by_name(self, name: str) -> Caller | None:
+        """The caller named ``name``, while its key is still in the file (a session outlives no key)."""
+        return self._by_name.get(name)
 
     def __len__(self) -> int:
         return len(self._by_hash)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
@@ -61,21 +62,32 @@ async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller)
 
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> StreamingResponse:
-    """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``."""
+    """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``;
+    a comment line keeps idle proxies from closing the stream. Streams are bounded per job and in total."""
     engine = engine_for_reading(services)
     job = find_job(services, job_id, caller)
+    if not services.streams.acquire(job.id):
+        raise APIError(429, "too_many_streams", "too many open event streams; poll the job instead",
+                       headers={"Retry-After": "5"})  # fmt: skip
+    keepalive = services.settings.stream_keepalive_seconds
 
     async def stream() -> AsyncIterator[str]:
-        last = None
-        while not job.done:
-            progress = job_progress(job, engine)
-            if progress != last:
-                yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
-                last = progress
-            if await request.is_disconnected():
-                return
-            await asyncio.sleep(EVENT_POLL_SECONDS)
-        yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
-        job.delivered = True
+        try:
+            last, quiet_since = None, time.monotonic()
+            while not job.done:
+                progress = job_progress(job, engine)
+                if progress != last:
+                    yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
+                    last, quiet_since = progress, time.monotonic()
+                elif time.monotonic() - quiet_since >= keepalive:
+                    yield ": keep-alive\n\n"
+                    quiet_since = time.monotonic()
+                if await request.is_disconnected():
+                    return
+                await asyncio.sleep(EVENT_POLL_SECONDS)
+            yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
+            job.delivered = True
+        finally:  # the client went away, or the job ended: the slot is free again
+            services.streams.release(job.id)
 
     return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})

@@ -20,7 +20,9 @@ from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Role
 from app.api.schemas import ImageOut, Text
+from app.api.waiting import database_unavailable
 from app.gate.gate import Gate
+from app.state.database import StoreUnavailable
 from app.state.reviews import Review, ReviewError
 
 router = APIRouter()
@@ -54,6 +56,8 @@ async def call(fn: Any, *args: Any) -> Any:
         return await asyncio.to_thread(fn, *args)
     except ReviewError as exc:
         raise APIError(ERROR_STATUS.get(exc.code, 400), exc.code, str(exc)) from exc
+    except StoreUnavailable as exc:
+        raise database_unavailable() from exc
 
 
 @router.get("/v1/reviews")

@@ -43,6 +43,14 @@ def parse_size(size: str | None, model: LoadedModel, settings: Settings) -> tupl
         raise bad("size_not_supported", f"width and height must be positive multiples of {k} for this model", "size")
     if width * height > settings.max_pixels:
         raise bad("size_not_supported", f"{width}x{height} exceeds the limit of {settings.max_pixels} pixels", "size")
+    native = model.defaults.width * model.defaults.height
+    if width * height > settings.max_area_factor * native:  # far past its training size a model makes noise
+        raise bad(
+            "size_not_supported",
+            f"{width}x{height} is over {settings.max_area_factor:g}× the area of this model's native "
+            f"{model.defaults.width}x{model.defaults.height}",
+            "size",
+        )
     return width, height
 
 

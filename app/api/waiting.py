@@ -10,6 +10,7 @@ from app.api.errors import APIError
 from app.engine.engine import Engine, NonFiniteOutput
 from app.engine.request import DeadlineExceeded, GenerationRequest, GenerationResult, Job, JobCancelled
 from app.engine.scheduler import QueueFull
+from app.state.database import StoreUnavailable
 
 DISCONNECT_POLL_SECONDS = 0.25
 
@@ -42,5 +43,16 @@ async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> 
         raise APIError(504, "deadline_exceeded", str(exc)) from exc
     except JobCancelled as exc:
         raise APIError(409, "job_cancelled", "the job was cancelled") from exc
+    except StoreUnavailable as exc:  # the release could not be recorded, so it was not released
+        raise database_unavailable() from exc
     except NonFiniteOutput as exc:
         raise APIError(500, "non_finite_output", str(exc)) from exc
+
+
+def database_unavailable() -> APIError:
+    """503 with a short Retry-After: the database is restarting, or another replica can serve. The driver's
+    text (hosts, ports) stays in the server's log."""
+    return APIError(
+        503, "database_unavailable", "the review and audit database is unreachable; retry later",
+        headers={"Retry-After": "2"},
+    )  # fmt: skip

@@ -1,4 +1,5 @@
-"""Async jobs kept for clients to poll: bounded in count and in time after they finish."""
+"""Async jobs kept for clients to poll: bounded in count, in the bytes of their results, and in time after
+they finish."""
 
 from __future__ import annotations
 
@@ -9,10 +10,18 @@ from collections import OrderedDict
 from app.engine.request import Job
 
 
+def result_bytes(job: Job) -> int:
+    """The encoded images a finished job holds for its client."""
+    if job.state != "succeeded" or not job.future.done():
+        return 0
+    return sum(len(getattr(image, "data", b"")) for image in job.future.result().images)
+
+
 class JobStore:
-    def __init__(self, max_jobs: int = 256, ttl_seconds: float = 600.0) -> None:
+    def __init__(self, max_jobs: int = 256, ttl_seconds: float = 600.0, max_result_bytes: int = 256 << 20) -> None:
         self.max_jobs = max_jobs
         self.ttl_seconds = ttl_seconds
+        self.max_result_bytes = max_result_bytes
         self._jobs: OrderedDict[str, Job] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -36,10 +45,12 @@ class JobStore:
         for job_id, job in list(self._jobs.items()):
             if job.finished_at is not None and now - job.finished_at > self.ttl_seconds:
                 del self._jobs[job_id]
+        held = sum(result_bytes(job) for job in self._jobs.values())
         for job_id, job in list(self._jobs.items()):
-            if len(self._jobs) <= limit:
+            if len(self._jobs) <= limit and held <= self.max_result_bytes:
                 break
             if job.done:
+                held -= result_bytes(job)
                 del self._jobs[job_id]
 
     def undelivered(self) -> int:

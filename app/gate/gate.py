@@ -78,28 +78,25 @@ class Gate:
         return Screening(verdict, decision.reasons, use, requester)
 
     def finish(self, req: GenerationRequest, pixels: np.ndarray) -> list[ReleasedImage | HeldForReview]:
-        """A job's finished pixels (n, H, W, 3) uint8 → what its response may carry, per image."""
+        """A job's finished pixels (n, H, W, 3) uint8 → what its response may carry, per image. A request's
+        images are held, or released and audited, together: all of them or none."""
         screening = req.screening
         if screening is None or screening.verdict == "block":
             raise GateClosed("the request was not screened")  # a bug upstream: never release unscreened work
-        out: list[ReleasedImage | HeldForReview] = []
-        for i in range(req.n):
-            record = image_record(req, i)
-            if screening.verdict == "hold":
-                if self.reviews is None:
-                    raise GateClosed("the policy held an image but no review store is open")
-                fmt, compression = req.output.format, req.output.compression
-                use = asdict(screening.use)
-                review_id = self.reviews.hold(
-                    pixels[i], record, screening.reasons, use, fmt, compression, screening.requester
-                )
-                out.append(HeldForReview(review_id, record, screening.reasons))
-                continue
-            image = release(pixels[i], record, req.output.format, req.output.compression, self.signer)
-            if self.reviews is not None:
-                self.reviews.record_release(image, screening.requester)
-            out.append(image)
-        return out
+        records = [image_record(req, i) for i in range(req.n)]
+        fmt, compression = req.output.format, req.output.compression
+        if screening.verdict == "hold":
+            if self.reviews is None:
+                raise GateClosed("the policy held an image but no review store is open")
+            use = asdict(screening.use)
+            ids = self.reviews.hold(
+                list(zip(pixels, records, strict=True)), screening.reasons, use, fmt, compression, screening.requester
+            )
+            return [HeldForReview(i, r, screening.reasons) for i, r in zip(ids, records, strict=True)]
+        images = [release(p, r, fmt, compression, self.signer) for p, r in zip(pixels, records, strict=True)]
+        if self.reviews is not None:
+            self.reviews.record_releases(images, screening.requester)
+        return list(images)
 
     def _store(self) -> ReviewStore:
         if self.reviews is None:

@@ -2,19 +2,22 @@
 hold for human review, or block before any compute. Pure: no I/O beyond reading the policy file.
 
 The prompt is screened as the text encoder reads it, not as bytes: each view (the prompt itself and each
-loaded tokenizer's round trip of it) is normalised — Unicode NFKC, format characters (Cf) removed,
-case-folded, accents stripped, whitespace runs collapsed — and every rule is matched against every view.
-A soft hyphen, a zero-width joiner, a tab, fullwidth letters or an accent inside a screened word still
-match it.
+loaded tokenizer's round trip of it) is normalised — Unicode NFKC, invisible characters (format, control,
+private use) removed or, in a second reading, taken as spaces, case-folded, accents and other marks stripped,
+dashes read as hyphens, whitespace runs collapsed — and every rule is matched against every view. A soft
+hyphen, a zero-width joiner, a tab, fullwidth letters or an accent inside a screened word still match it; so
+does a phrase whose words are joined by punctuation (fake-receipt) and a word with digits glued on (nike2024),
+since the tokenizers split those apart.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import tomllib
 import unicodedata
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
@@ -26,19 +29,52 @@ SEVERITY: dict[Rule, int] = {"release": 0, "review": 1, "block": 2}
 
 
 _SPACES = re.compile(r"\s+")
+_LETTER = r"[^\W\d_]"
+_WORD = re.compile(rf"{_LETTER}+|\d+")  # letter runs and digit runs: CLIP's pre-tokenizer splits them apart
+_NOT_IDENTIFIER = re.compile(r"[^\w\s-]|_")  # what may stand between "SKU" and its number
 
 
-def normalise(text: str) -> str:
-    """What a tokenizer's normaliser makes of ``text``, at its most forgiving (see the module docstring)."""
-    text = unicodedata.normalize("NFKC", text)
-    text = "".join(c for c in text if unicodedata.category(c) != "Cf").casefold()
-    text = "".join(c for c in unicodedata.normalize("NFKD", text) if not unicodedata.combining(c))
-    return _SPACES.sub(" ", unicodedata.normalize("NFKC", text)).strip()
+def _kept(c: str, format_chars: str) -> str:
+    """One character of an NFKD-decomposed, case-folded text, as screening sees it."""
+    category = unicodedata.category(c)
+    if category[0] == "C" and not c.isspace():  # format, control, private use: BERT drops them, CLIP splits at them
+        return format_chars
+    if category in ("Mn", "Me"):  # as BERT strips accents: every mark, variation selectors included
+        return ""
+    if category == "Pd" or c == "\u2212":  # en dash, non-breaking hyphen, minus: the same identifier
+        return "-"
+    return c
+
+
+def normalise(text: str, *, format_chars: str = "") -> str:
+    """What a tokenizer's normaliser makes of ``text``, at its most forgiving (see the module docstring).
+    ``format_chars``: what invisible characters become: nothing (``ni\u00adke`` is nike) or a space
+    (``nike\u200bmug`` is two words)."""
+    text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
+    text = unicodedata.normalize("NFKC", "".join(_kept(c, format_chars) for c in text))
+    return _SPACES.sub(" ", text).strip()
 
 
 def views(prompt: str, readings: Iterable[str] = ()) -> tuple[str, ...]:
-    """The normalised prompt and each normalised tokenizer reading of it, without repeats."""
-    return tuple(dict.fromkeys(normalise(t) for t in (prompt, *readings)))
+    """The normalised prompt and each normalised tokenizer reading of it, invisible characters read both
+    ways, without repeats."""
+    return tuple(dict.fromkeys(normalise(t, format_chars=f) for t in (prompt, *readings) for f in ("", " ")))
+
+
+@functools.lru_cache(maxsize=256)
+def _phrase(term: str, *, whole_word: bool) -> re.Pattern[str]:
+    """``term`` (normalised) with any run of spaces, punctuation or symbols between its words, as the
+    tokenizers split them off (fake-receipt, fake_receipt); a whole word is bounded by anything but a letter
+    (nike2024, nike_mug, not snikers). Case-insensitive as ``re`` is: nıke is nike."""
+    parts: list[str] = []
+    end = 0
+    for m in _WORD.finditer(term):
+        if parts:
+            parts.append(r"[\W_]+" if m.start() > end else r"[\W_]*")
+        parts.append(re.escape(m.group()))
+        end = m.end()
+    body = "".join(parts) or re.escape(term)
+    return re.compile(rf"(?<!{_LETTER}){body}(?!{_LETTER})" if whole_word else body, re.I)
 
 
 @dataclass(frozen=True)
@@ -63,7 +99,6 @@ class Policy:
     brand_terms: tuple[str, ...] = ()
     sku_patterns: tuple[re.Pattern[str], ...] = ()
     denylist: tuple[str, ...] = ()
-    _brand: re.Pattern[str] | None = field(default=None, repr=False)
 
     @classmethod
     def load(cls, path: Path = DEFAULT_POLICY) -> Policy:
@@ -75,14 +110,12 @@ class Policy:
             raise ValueError(f"{path}: rules must be release, review or block: {bad}")
         screening = raw.get("screening", {})
         terms = tuple(normalise(str(t)) for t in screening.get("brand_terms", ()))
-        brand = re.compile(r"\b(?:" + "|".join(re.escape(t) for t in terms) + r")\b", re.I) if terms else None
         return cls(
             asset_types=dict(raw.get("asset_types", {})),
             flags=dict(raw.get("flags", {})),
             brand_terms=terms,
             sku_patterns=tuple(re.compile(p, re.I) for p in screening.get("sku_patterns", ())),
             denylist=tuple(normalise(str(t)) for t in screening.get("denylist", ())),
-            _brand=brand,
         )
 
     def decide(self, use: Use, prompt: str, readings: Iterable[str] = ()) -> Decision:
@@ -91,17 +124,18 @@ class Policy:
         found: list[tuple[Rule, str]] = []
         texts = views(prompt, readings)
         for term in self.denylist:
-            if any(term in text for text in texts):
+            if any(_phrase(term, whole_word=False).search(text) for text in texts):
                 found.append(("block", f"prompt contains the denied phrase {term!r}"))
         found.append((self.asset_types.get(use.asset_type, "review"), f"asset_type {use.asset_type}"))
         logo, sku = use.contains_logo, use.claims_real_sku
         reasons_logo = ["the request declares a logo"] if logo else []
         reasons_sku = ["the request claims a real SKU"] if sku else []
-        brands = {m.group(0) for text in texts if self._brand is not None for m in self._brand.finditer(text)}
+        brands = {t for t in self.brand_terms if any(_phrase(t, whole_word=True).search(text) for text in texts)}
         if brands:
             logo = True
             reasons_logo += [f"prompt mentions {b!r}" for b in sorted(brands)]
-        skus = [m.group(0) for text in texts for p in self.sku_patterns if (m := p.search(text))]
+        spaced = dict.fromkeys([*texts, *(_SPACES.sub(" ", _NOT_IDENTIFIER.sub(" ", t)) for t in texts)])
+        skus = [m.group(0) for text in spaced for p in self.sku_patterns if (m := p.search(text))]
         if skus:
             sku = True
             reasons_sku.append(f"prompt contains the SKU-like identifier {skus[0]!r}")

@@ -12,8 +12,10 @@ import contextlib
 import io
 import json
 import sqlite3
+import threading
 import time
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -21,7 +23,7 @@ import numpy as np
 from PIL import Image
 
 from app.gate.release import GenerationRecord, ReleasedImage
-from app.state.database import Database
+from app.state.database import Database, Execute
 
 ReviewStatus = Literal["pending", "approved", "rejected"]
 
@@ -55,6 +57,13 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
+# Stores made before requesters were recorded; SQLite has no IF NOT EXISTS here (see _add_column).
+POSTGRES_MIGRATIONS = """
+ALTER TABLE reviews ADD COLUMN IF NOT EXISTS requester TEXT;
+"""
+PROBE_MAX_AGE_SECONDS = 1.0  # readiness probes every second share one ping
+
+
 @dataclass(frozen=True)
 class Review:
     id: str
@@ -78,51 +87,93 @@ class ReviewError(Exception):
 
 
 class ReviewStore:
-    def __init__(self, url: str) -> None:
-        """``url``: ``postgresql://…`` or ``sqlite:///path/to/file``."""
-        self._db = Database(url, SCHEMA)
-        self._add_column("reviews", "requester TEXT")  # stores made before requesters were recorded
+    def __init__(
+        self, url: str, connect_timeout: float = 3.0, statement_timeout: float = 10.0, pool_size: int = 4
+    ) -> None:
+        """``url``: ``postgresql://…`` or ``sqlite:///path/to/file``. PostgreSQL need not be up yet: the schema
+        is made on the first connection; until then (and whenever the server is lost) statements raise
+        ``StoreUnavailable``. The timeouts and pool size apply to PostgreSQL only."""
+        postgres = url.startswith(("postgresql://", "postgres://"))
+        schema = SCHEMA + (POSTGRES_MIGRATIONS if postgres else "")
+        self._db = Database(url, schema, connect_timeout, statement_timeout, pool_size)
+        if not postgres:
+            self._add_column("reviews", "requester TEXT")  # stores made before requesters were recorded
+        self._probe_lock = threading.Lock()
+        self._probed_at: float | None = None
+
+    @property
+    def kind(self) -> str:
+        """``postgresql`` or ``sqlite``."""
+        return self._db.kind
+
+    @property
+    def last_reachable(self) -> bool | None:
+        """The outcome of the last probe or statement, without asking the database (None before any)."""
+        return self._db.up
+
+    def reachable(self, max_age: float = PROBE_MAX_AGE_SECONDS) -> bool:
+        """Whether the database answers. Probes closer together than ``max_age`` share one ping, and concurrent
+        ones wait for the ping in flight rather than sending their own."""
+        with self._probe_lock:
+            now = time.monotonic()
+            if self._probed_at is None or now - self._probed_at >= max_age or self._db.up is None:
+                self._db.ping()
+                self._probed_at = time.monotonic()
+            return bool(self._db.up)
 
     def _add_column(self, table: str, column: str) -> None:
-        if self._db.postgres:
-            self._db.execute(f"ALTER TABLE {table} ADD COLUMN IF NOT EXISTS {column}")
-            return
         with contextlib.suppress(sqlite3.OperationalError):  # already there
             self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
 
-    def _audit(self, review_id: str | None, event: str, actor: str | None, sha256: str | None, detail: str) -> None:
-        self._db.execute(
+    def _audit(
+        self,
+        review_id: str | None,
+        event: str,
+        actor: str | None,
+        sha256: str | None,
+        detail: str,
+        execute: Execute | None = None,
+    ) -> None:
+        """One audit line; ``execute``: a transaction's, so that the line lands with the change it records."""
+        (execute or self._db.execute)(
             "INSERT INTO audit (at, review_id, event, actor, sha256, detail) VALUES (?, ?, ?, ?, ?, ?)",
             (time.time(), review_id, event, actor, sha256, detail),
         )
 
-    def record_release(self, image: ReleasedImage, requester: str) -> None:
-        """Every released image leaves a line: who asked, the labels and the SHA-256 of the bytes."""
-        detail = json.dumps({"labels": image.decision.labels, "watermark": image.decision.watermark})
-        self._audit(None, "released", requester, image.sha256, detail)
+    def record_releases(self, images: Sequence[ReleasedImage], requester: str) -> None:
+        """Every released image leaves a line: who asked, the labels and the SHA-256 of the bytes. A request's
+        lines land together or not at all (then nothing is released)."""
+        with self._db.transaction() as execute:
+            for image in images:
+                detail = json.dumps({"labels": image.decision.labels, "watermark": image.decision.watermark})
+                self._audit(None, "released", requester, image.sha256, detail, execute)
 
     def hold(
         self,
-        pixels: np.ndarray,
-        record: GenerationRecord,
+        images: Sequence[tuple[np.ndarray, GenerationRecord]],
         reasons: tuple[str, ...],
         use: dict[str, Any],
         fmt: str,
         compression: int | None,
         requester: str,
-    ) -> str:
-        """Keep unlabelled pixels for a reviewer; returns the review id."""
-        buf = io.BytesIO()
-        Image.fromarray(pixels).save(buf, format="PNG")
-        review_id = uuid.uuid4().hex
-        self._db.execute(
-            "INSERT INTO reviews (id, created, status, record, reasons, use, format, compression, pixels, requester)"
-            " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
-            (review_id, time.time(), json.dumps(record.as_dict()), json.dumps(reasons), json.dumps(use), fmt,
-             compression, buf.getvalue(), requester),
-        )  # fmt: skip
-        self._audit(review_id, "held", requester, None, json.dumps({"reasons": reasons}))
-        return review_id
+    ) -> list[str]:
+        """Keep a request's unlabelled pixels for a reviewer, all or none; returns the review ids."""
+        ids = []
+        with self._db.transaction() as execute:  # a held image always has its audit line, and vice versa
+            for pixels, record in images:
+                buf = io.BytesIO()
+                Image.fromarray(pixels).save(buf, format="PNG")
+                review_id = uuid.uuid4().hex
+                execute(
+                    "INSERT INTO reviews"
+                    " (id, created, status, record, reasons, use, format, compression, pixels, requester)"
+                    " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                    (review_id, time.time(), json.dumps(record.as_dict()), json.dumps(reasons), json.dumps(use),
+                     fmt, compression, buf.getvalue(), requester),
+                )  # fmt: skip
+                self._audit(review_id, "held", requester, None, json.dumps({"reasons": reasons}), execute)
+                ids.append(review_id)
+        return ids
 
     def _row(self, review_id: str) -> dict[str, Any]:
         rows, _ = self._db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,))
@@ -163,27 +214,30 @@ class ReviewStore:
 
     def mark_approved(self, review_id: str, reviewer: str, image: ReleasedImage) -> Review:
         """Store the released bytes if the review is still pending (a conditional update: one decision wins)."""
-        _, changed = self._db.execute(
-            "UPDATE reviews SET status='approved', reviewer=?, decided=?, released=?, released_sha256=?"
-            " WHERE id=? AND status='pending'",
-            (reviewer, time.time(), image.data, image.sha256, review_id),
-        )
-        if changed != 1:  # another reviewer or replica decided first
-            raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
-        self._audit(review_id, "approved", reviewer, image.sha256, json.dumps({"labels": image.decision.labels}))
+        with self._db.transaction() as execute:
+            _, changed = execute(
+                "UPDATE reviews SET status='approved', reviewer=?, decided=?, released=?, released_sha256=?"
+                " WHERE id=? AND status='pending'",
+                (reviewer, time.time(), image.data, image.sha256, review_id),
+            )
+            if changed != 1:  # another reviewer or replica decided first
+                raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
+            labels = json.dumps({"labels": image.decision.labels})
+            self._audit(review_id, "approved", reviewer, image.sha256, labels, execute)
         return self._review(self._row(review_id))
 
     def reject(self, review_id: str, reviewer: str, note: str = "") -> Review:
         row = self._row(review_id)
         if row["status"] != "pending":
             raise ReviewError("review_decided", f"review {review_id} is already {row['status']}")
-        _, changed = self._db.execute(
-            "UPDATE reviews SET status='rejected', reviewer=?, decided=?, note=? WHERE id=? AND status='pending'",
-            (reviewer, time.time(), note, review_id),
-        )
-        if changed != 1:
-            raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
-        self._audit(review_id, "rejected", reviewer, None, json.dumps({"note": note}))
+        with self._db.transaction() as execute:
+            _, changed = execute(
+                "UPDATE reviews SET status='rejected', reviewer=?, decided=?, note=? WHERE id=? AND status='pending'",
+                (reviewer, time.time(), note, review_id),
+            )
+            if changed != 1:
+                raise ReviewError("review_decided", f"review {review_id} was decided meanwhile")
+            self._audit(review_id, "rejected", reviewer, None, json.dumps({"note": note}), execute)
         return self._review(self._row(review_id))
 
     def released(self, review_id: str, fetcher: str, owner_only: bool) -> tuple[Review, bytes]:

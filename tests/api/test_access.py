@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -61,10 +62,16 @@ def test_only_probes_and_metrics_work_without_a_key(client: TestClient) -> None:
         assert client.get(path).status_code == 404
 
 
-def test_the_review_cookie_signs_in_reads_only(client: TestClient) -> None:
-    cookie = {"imagegen_reviewer": "review-key"}
-    client.cookies.update(cookie)
+def test_the_review_session_signs_in_reads_only(client: TestClient) -> None:
+    client.cookies.update({"imagegen_session": "review-key", "imagegen_reviewer": "review-key"})
+    assert client.get("/v1/reviews").status_code == 401  # a key in a cookie signs nobody in
+    client.cookies.clear()
     try:
+        page = client.get("/review").text
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page)
+        assert csrf is not None
+        signed = client.post("/review/login", data={"key": "review-key", "csrf": csrf.group(1)}, follow_redirects=False)
+        assert signed.status_code == 303, signed.text
         assert client.get("/v1/reviews").status_code == 200  # the review page's <img> requests
         for path in ("/v1/reviews/x/approve", "/v1/reviews/x/reject"):
             assert client.post(path).status_code == 401  # a state change needs the Authorization header

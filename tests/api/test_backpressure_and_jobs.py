@@ -22,7 +22,9 @@ def body(**fields: object) -> dict[str, object]:
 
 
 def app_client(models: Path, **settings: object) -> TestClient:
-    return TestClient(create_app(Settings(models_dir=models, max_pixels=64 * 64, **settings)))  # type: ignore[arg-type]
+    # 64x64 on a 16x16 model: long jobs to fill the queue with
+    settings = {"max_pixels": 64 * 64, "max_area_factor": 16, **settings}
+    return TestClient(create_app(Settings(models_dir=models, **settings)))  # type: ignore[arg-type]
 
 
 @pytest.fixture(scope="module")

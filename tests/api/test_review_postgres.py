@@ -50,4 +50,5 @@ def test_two_replicas_share_the_review_queue(
         assert result["data"][0]["b64_json"]
         assert b.get(f"/v1/reviews/{second}/result").status_code == 410
         audit = a.get(f"/v1/reviews/{first}", headers=AUTH).json()["audit"]
-        assert [(e["event"], e["actor"]) for e in audit] == [("held", "dana"), ("approved", "dana"), ("fetched", "dana")]
+        events = [(e["event"], e["actor"]) for e in audit]
+        assert events == [("held", "dana"), ("approved", "dana"), ("fetched", "dana")]

@@ -22,6 +22,7 @@ REPO = Path(__file__).resolve().parents[2]
 def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {
         "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
+        "IMAGEGEN_MAX_AREA_FACTOR": "64",
         "IMAGEGEN_DEVICE": "cpu",
         "IMAGEGEN_DEFAULT_MODEL": "tiny-v",
         "IMAGEGEN_TORCH_THREADS": "1",

@@ -36,7 +36,7 @@ class Outcome:
 @pytest.fixture()
 def replicas(tiny_models_dir: Path, tmp_path: Path) -> Iterator[tuple[ServerProcess, ServerProcess]]:
     env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_TORCH_THREADS": "1",
-           "IMAGEGEN_DRAIN_SECONDS": str(DRAIN_SECONDS)}  # fmt: skip
+           "IMAGEGEN_MAX_AREA_FACTOR": "64", "IMAGEGEN_DRAIN_SECONDS": str(DRAIN_SECONDS)}  # fmt: skip
     with ExitStack() as stack:
         a, b = (
             stack.enter_context(server_process({**env, "IMAGEGEN_STATE_DIR": str(tmp_path / n)}, tmp_path / f"{n}.log"))
@@ -136,7 +136,7 @@ def test_sigterm_mid_load_loses_nothing(replicas: tuple[ServerProcess, ServerPro
 
 
 def test_a_second_signal_exits_at_once(tiny_models_dir: Path, tmp_path: Path) -> None:
-    env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_TORCH_THREADS": "1",
+    env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_TORCH_THREADS": "1", "IMAGEGEN_MAX_AREA_FACTOR": "64",
            "IMAGEGEN_DRAIN_SECONDS": str(DRAIN_SECONDS), "IMAGEGEN_STATE_DIR": str(tmp_path / "state")}  # fmt: skip
     with server_process(env, tmp_path / "server.log") as server:
         slow = {**LONG, "n": 10, "size": "128x128"}  # far longer than this test waits

@@ -39,6 +39,7 @@ def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     metrics_port = free_port()
     env = {
         "IMAGEGEN_MODELS_DIR": str(tiny_models_dir),
+        "IMAGEGEN_MAX_AREA_FACTOR": "64",
         "IMAGEGEN_STATE_DIR": str(tmp / "state"),
         "IMAGEGEN_API_KEYS_FILE": str(write_key_file(tmp / "keys.toml", {"shop": ("ops-test-key", ["generate"])})),
         "IMAGEGEN_METRICS_PORT": str(metrics_port),

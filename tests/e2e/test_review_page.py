@@ -1,8 +1,9 @@
 """The reviewer page in headless Chromium (Debian's chromium + chromedriver, driven by selenium):
-sign in, see the held images, approve one and reject the other."""
+sign in, see the held images, approve one and reject the other, sign out."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -59,6 +60,9 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     browser.find_element(By.NAME, "key").send_keys(KEY)
     browser.find_element(By.TAG_NAME, "button").click()
     WebDriverWait(browser, 20).until(ec.presence_of_element_located((By.CSS_SELECTOR, ".item")))
+    session = browser.get_cookie("imagegen_session")
+    assert session is not None and KEY not in session["value"]  # a session token, never the key
+    assert session["httpOnly"] and session["sameSite"] == "Strict"
     items = browser.find_elements(By.CSS_SELECTOR, ".item")
     assert {i.get_attribute("id") for i in items} == {f"review-{x}" for x in ids}
     assert "SKU-like identifier" in browser.page_source
@@ -83,8 +87,22 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     rejected = httpx.get(f"{server}/v1/reviews/{ids[1]}", headers={"Authorization": f"Bearer {KEY}"}).json()
     assert rejected["reviewer"] == "carol" and rejected["note"] == "real SKU shown"
 
+    sign_out = browser.find_element(By.ID, "sign-out")
+    sign_out.click()
+    wait.until(ec.staleness_of(sign_out))
+    assert wait.until(ec.presence_of_element_located((By.NAME, "key")))  # back at the sign-in form
+    assert browser.get_cookie("imagegen_session") is None
+    replayed = httpx.get(f"{server}/v1/reviews", cookies={"imagegen_session": session["value"]})
+    assert replayed.status_code == 401  # the session ended on the server, not only in this browser
+
 
 def test_the_page_needs_a_key(server: str) -> None:
-    assert 'name="key"' in httpx.get(f"{server}/review").text  # the sign-in form, no items
-    assert httpx.post(f"{server}/review/login", content="key=wrong").status_code == 401
-    assert httpx.get(f"{server}/v1/reviews/whatever/image").status_code == 401
+    with httpx.Client(base_url=server) as client:
+        page = client.get("/review")
+        assert 'name="key"' in page.text  # the sign-in form, no items
+        csrf = re.search(r'name="csrf" value="([^"]+)"', page.text)
+        assert csrf is not None
+        assert client.post("/review/login", data={"key": "wrong", "csrf": csrf.group(1)}).status_code == 401
+        assert client.post("/review/login", data={"key": KEY}).status_code == 403  # no CSRF token
+        assert client.post("/review/login", content=b"key=\xff\xfe").status_code == 400
+        assert client.get("/v1/reviews/whatever/image").status_code == 401

@@ -32,7 +32,7 @@ def k8s(kind: str) -> list[dict[str, Any]]:
 
 
 def deployment() -> dict[str, Any]:
-    [d] = k8s("Deployment")
+    [d] = [d for d in k8s("Deployment") if d["metadata"]["name"] == "imagegen"]
     return d
 
 
@@ -189,3 +189,69 @@ def test_promtool_accepts_the_prometheus_files(check: list[str]) -> None:
     assert promtool, "promtool is installed by .ci/run (Debian package prometheus)"
     result = subprocess.run([promtool, *check], cwd=REPO, capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_kustomize_renders_every_manifest() -> None:
+    kubectl = shutil.which("kubectl")
+    assert kubectl, "kubectl renders kustomizations offline"
+    out = subprocess.run([kubectl, "kustomize", str(K8S)], capture_output=True, text=True, check=True).stdout
+    rendered = {(d["kind"], d["metadata"]["name"]) for d in yaml.safe_load_all(out) if d}
+    files = {(d["kind"], d["metadata"]["name"]) for d in k8s_docs() if d["kind"] != "Kustomization"}
+    # everything but the prometheus-adapter rules, which belong to the adapter's own namespace
+    assert rendered == files - {(d["kind"], d["metadata"]["name"]) for d in adapter_rules()}
+    assert ("Service", "imagegen-proxy") in rendered and ("Deployment", "imagegen-proxy") in rendered
+
+
+def k8s_docs() -> list[dict[str, Any]]:
+    return [d for f in sorted(K8S.glob("*.yaml")) for d in yaml.safe_load_all(f.read_text()) if d]
+
+
+def adapter_rules() -> list[dict[str, Any]]:
+    return [d for d in yaml.safe_load_all((K8S / "prometheus-adapter-rules.yaml").read_text()) if d]
+
+
+def body_limits(conf: str) -> tuple[int, int]:
+    """(server-wide, /v1/verify) client_max_body_size of an nginx configuration, in bytes."""
+
+    def size(text: str) -> int:
+        value = re.search(r"client_max_body_size (\d+)([km]?);", text)
+        assert value, text
+        return int(value.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[value.group(2)]
+
+    verify = re.search(r"location = /v1/verify \{(.*?)\}", conf, flags=re.S)
+    assert verify
+    return size(conf.replace(verify.group(0), "")), size(verify.group(1))
+
+
+def proxy_configs() -> dict[str, str]:
+    [proxy] = [c for c in k8s("ConfigMap") if c["metadata"]["name"] == "imagegen-proxy"]
+    template = (REPO / "deploy/nginx/imagegen.conf.template").read_text()
+    compose_conf = template.replace("${APP_1}", "127.0.0.1:1").replace("${APP_2}", "127.0.0.1:2")
+    return {"compose": compose_conf.replace("${LISTEN}", "127.0.0.1:8080"),
+            "k8s": proxy["data"]["default.conf"].replace("server imagegen:80", "server 127.0.0.1:1")}  # fmt: skip
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_the_proxies_bound_bodies_just_above_the_app(where: str) -> None:
+    """The app answers an oversized body in its own JSON shape; the proxy stops only what is absurd."""
+    whole, verify = body_limits(proxy_configs()[where])
+    json_limit = Settings.model_fields["max_json_body_bytes"].default
+    upload_limit = Settings.model_fields["max_upload_bytes"].default
+    assert json_limit < whole <= 16 * 1024 * 1024
+    assert upload_limit < verify <= 1.25 * upload_limit
+    conf = proxy_configs()[where]
+    for directive in ("client_header_timeout", "client_body_timeout", "send_timeout", "limit_conn ",
+                      "proxy_read_timeout", "proxy_next_upstream"):  # fmt: skip
+        assert directive in conf, (where, directive)
+
+
+@pytest.mark.parametrize("where", ["compose", "k8s"])
+def test_nginx_accepts_the_proxy_configuration(where: str, tmp_path: Path) -> None:
+    nginx = shutil.which("nginx") or "/usr/sbin/nginx"
+    assert Path(nginx).exists(), "nginx is installed by .ci/run (Debian package nginx)"
+    (tmp_path / "imagegen.conf").write_text(proxy_configs()[where])
+    main = (REPO / "deploy/nginx/nginx.conf").read_text()
+    (tmp_path / "nginx.conf").write_text(main.replace("include imagegen.conf;", f"include {tmp_path}/imagegen.conf;"))
+    result = subprocess.run([nginx, "-t", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf"), "-e", "stderr"],
+                            capture_output=True, text=True)  # fmt: skip
+    assert result.returncode == 0, result.stderr

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import time
+from types import SimpleNamespace
 
 from app.engine.jobs import JobStore
-from app.engine.request import GenerationRequest, Job, OutputSpec
+from app.engine.request import GenerationRequest, GenerationResult, Job, OutputSpec
 
 REQ = GenerationRequest("m", "p", "", 1, 8, 8, 1, 1.0, 0, "ddim", 0.0, OutputSpec())
 
@@ -36,3 +37,22 @@ def test_the_oldest_finished_jobs_make_room_and_unfinished_ones_stay() -> None:
     assert store.get(running.id) is running and store.get(first.id) is None and store.get(second.id) is second
     store.add(Job(request=REQ))  # now two unfinished jobs fill the store
     assert not store.has_room()
+
+
+def holding(nbytes: int) -> Job:
+    """A finished job whose result holds ``nbytes`` of encoded images."""
+    job = finished()
+    job.future.set_result(GenerationResult(images=[SimpleNamespace(data=b"x" * nbytes)], seconds=0.0))  # type: ignore[list-item]
+    return job
+
+
+def test_results_are_bounded_in_bytes_not_only_in_count() -> None:
+    store = JobStore(max_jobs=100, ttl_seconds=600, max_result_bytes=2500)
+    running = Job(request=REQ)
+    store.add(running)
+    jobs = [holding(1000) for _ in range(4)]
+    for job in jobs:
+        store.add(job)
+    kept = [j for j in jobs if store.get(j.id) is j]
+    assert kept == jobs[-2:]  # 2 × 1000 bytes fit in 2500: the oldest results went first
+    assert store.get(running.id) is running  # unfinished jobs hold no result and are never dropped
