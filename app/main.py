@@ -120,15 +120,16 @@ def snapshot(services: Services) -> Snapshot:
         memory[(str(device), "reserved")] = torch.cuda.memory_reserved(device)
     signer = services.gate.signer
     reviews = services.gate.reviews
+    database_up = None if reviews is None else reviews.last_reachable  # the last probe's: no query at scrape
     return Snapshot(
         models=models,
         cache_hits=services.cache.hits,
         cache_misses=services.cache.misses,
-        ready=engine is not None and engine.ready and not services.draining,
+        ready=engine is not None and engine.ready and not services.draining and database_up is not False,
         draining=services.draining,
         signer_trusted=None if signer is None else not signer.identity.development,
         device_memory=memory,
-        database_up=None if reviews is None else reviews.last_reachable,  # the last probe's: no query at scrape
+        database_up=database_up,
     )
 
 

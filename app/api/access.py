@@ -72,15 +72,22 @@ GenerateCaller = Annotated[Caller, Depends(require(Role.generate))]
 ReviewCaller = Annotated[Caller, Depends(require(Role.review))]
 
 
-def charge(services: Services, caller: Caller) -> Callable[[], None]:
-    """Count one generation against the caller's quotas; the returned release ends the charge."""
+def charge(services: Services, caller: Caller, cost: float = 0.0) -> Callable[[], None]:
+    """Count one request of ``cost`` compute units (row-steps × latent pixels) against the caller's quotas; the
+    returned release ends the charge."""
     try:
-        return services.quotas.acquire(caller.name, caller.requests_per_minute, caller.max_concurrent)
+        return services.quotas.acquire(
+            caller.name, caller.requests_per_minute, caller.max_concurrent, cost, caller.row_step_pixels_per_minute
+        )
     except QuotaExceeded as exc:
         services.metrics.quota_rejections.labels(caller.name, exc.reason).inc()
         message = {
             "rate_limit": f"key {caller.name!r} is over its rate of {caller.requests_per_minute:g} requests/minute",
-            "concurrency": f"key {caller.name!r} already has {caller.max_concurrent} unfinished generations",
+            "concurrency": f"key {caller.name!r} already has {caller.max_concurrent} unfinished requests",
+            "compute": f"key {caller.name!r} is over its compute of {caller.row_step_pixels_per_minute:g} "
+            "row-step pixels/minute",
         }[exc.reason]
-        code = "rate_limited" if exc.reason == "rate_limit" else "too_many_concurrent_requests"
+        code = {"rate_limit": "rate_limited", "concurrency": "too_many_concurrent_requests"}.get(
+            exc.reason, "compute_quota_exceeded"
+        )
         raise APIError(429, code, message, headers={"Retry-After": f"{exc.retry_after:.0f}"}) from exc

@@ -6,6 +6,7 @@
     roles = ["generate"]         # generate | review | admin (admin may do everything)
     requests_per_minute = 120    # generation requests; 0 = unlimited
     max_concurrent = 8           # unfinished generation jobs at once; 0 = unlimited
+    row_step_pixels_per_minute = 0  # compute: steps × UNet rows (2 with CFG) × latent pixels; 0 = unlimited
 
 Keys are long random tokens (``python -m app new-key``), so one SHA-256 is enough: there is nothing
 to brute-force that a slow password hash would protect.
@@ -35,6 +36,7 @@ class Caller:
     roles: frozenset[Role]
     requests_per_minute: float = 0.0
     max_concurrent: int = 0
+    row_step_pixels_per_minute: float = 0.0  # compute: Σ steps × UNet rows × latent pixels; 0 = unlimited
 
     def may(self, role: Role) -> bool:
         return role in self.roles or Role.admin in self.roles
@@ -75,8 +77,9 @@ class KeyRing:
                     roles=frozenset(Role(r) for r in e["roles"]),
                     requests_per_minute=float(e.get("requests_per_minute", 0)),
                     max_concurrent=int(e.get("max_concurrent", 0)),
+                    row_step_pixels_per_minute=float(e.get("row_step_pixels_per_minute", 0)),
                 )
-                if caller.requests_per_minute < 0 or caller.max_concurrent < 0:
+                if min(caller.requests_per_minute, caller.max_concurrent, caller.row_step_pixels_per_minute) < 0:
                     raise ValueError("quotas must be ≥ 0 (0 = unlimited)")
                 if digest in by_hash or caller.name in names:  # names own jobs and quotas: one key each
                     raise ValueError(f"duplicate key or name {caller.name!r}")

@@ -1,4 +1,6 @@
-"""Per-key quotas on generation: a token bucket for the request rate and a count of unfinished jobs.
+"""Per-key quotas on generation: a token bucket for the request rate, one for the compute asked for (row-steps ×
+latent pixels, so that one 150-step 1024² request does not count as one 4-step thumbnail), and a count of
+unfinished jobs.
 
 Counted per replica: with N replicas behind a load balancer a key gets up to N times its quota.
 """
@@ -21,7 +23,7 @@ class _Bucket:
 class QuotaExceeded(Exception):
     def __init__(self, reason: str, retry_after: float) -> None:
         super().__init__(reason)
-        self.reason = reason  # rate_limit | concurrency
+        self.reason = reason  # rate_limit | concurrency | compute
         self.retry_after = retry_after
 
 
@@ -30,15 +32,22 @@ class Quotas:
         self._clock = clock
         self._lock = threading.Lock()
         self._buckets: dict[str, _Bucket] = {}
+        self._costs: dict[str, _Bucket] = {}
         self._running: dict[str, int] = {}
 
-    def acquire(self, key: str, requests_per_minute: float, max_concurrent: int) -> Callable[[], None]:
-        """Charge one generation request to ``key``; returns the release to call when its job ends."""
+    def acquire(
+        self, key: str, requests_per_minute: float, max_concurrent: int, cost: float = 0.0, cost_per_minute: float = 0.0
+    ) -> Callable[[], None]:
+        """Charge one request of ``cost`` compute units to ``key``; returns the release to call when its job ends."""
         with self._lock:
             if max_concurrent and self._running.get(key, 0) >= max_concurrent:
                 raise QuotaExceeded("concurrency", 1.0)
+            if cost_per_minute and cost:
+                self._check_cost(key, cost, cost_per_minute)
             if requests_per_minute:
                 self._take_token(key, requests_per_minute)
+            if cost_per_minute and cost:
+                self._costs[key].tokens -= cost  # charged only once every other check has passed
             self._running[key] = self._running.get(key, 0) + 1
         released = False
 
@@ -64,3 +73,13 @@ class Quotas:
         if bucket.tokens < 1.0:
             raise QuotaExceeded("rate_limit", math.ceil((1.0 - bucket.tokens) / rate))
         bucket.tokens -= 1.0
+
+    def _check_cost(self, key: str, cost: float, per_minute: float) -> None:
+        """A minute's worth of compute may be spent at once; a full bucket admits any one request (it then owes
+        the difference), so a request larger than the whole budget is slowed, not refused for ever."""
+        now, rate = self._clock(), per_minute / 60.0
+        bucket = self._costs.setdefault(key, _Bucket(per_minute, now))
+        bucket.tokens = min(per_minute, bucket.tokens + (now - bucket.updated) * rate)
+        bucket.updated = now
+        if bucket.tokens < cost and bucket.tokens < per_minute:
+            raise QuotaExceeded("compute", math.ceil((min(cost, per_minute) - bucket.tokens) / rate))

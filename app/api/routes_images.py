@@ -22,8 +22,10 @@ from app.api.validation import resolve
 from app.api.waiting import submit, wait_for
 from app.engine.engine import Engine
 from app.engine.request import GenerationRequest
+from app.engine.runner import needs_uncond_row
 from app.gate.policy import Use
 from app.logs import request_id
+from app.pipeline.loading import LoadedModel
 
 router = APIRouter()
 
@@ -37,6 +39,13 @@ def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest
     if screening.verdict == "block":
         raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(screening.reasons))
     return replace(req, screening=screening)
+
+
+def compute_cost(model: LoadedModel, req: GenerationRequest) -> float:
+    """Row-steps × latent pixels: what the request asks of the UNet (a CFG image is two rows)."""
+    rows = 2 if needs_uncond_row(model, req.guidance_scale) else 1
+    factor = model.decoder.scale_factor
+    return float(req.n * req.steps * rows * (req.width // factor) * (req.height // factor))
 
 
 def ready_engine(services: Services) -> Engine:
@@ -60,7 +69,7 @@ async def generate(
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
-    end_charge = charge(services, caller)
+    end_charge = charge(services, caller, compute_cost(services.models[req.model], req))
     try:
         job = submit(engine, req)
     except APIError:

@@ -166,3 +166,20 @@ def test_a_broken_key_file_stops_the_start(tmp_path: Path) -> None:
         KeyRing.load(tmp_path / "keys.toml")
     with pytest.raises(ValidationError, match="must differ"):
         Settings(port=8000, metrics_port=8000)
+
+
+def test_compute_quota_weighs_steps_rows_and_pixels(tiny_models_dir: Path, tmp_path: Path) -> None:
+    # tiny-eps: 16x16 images are 8x8 latents; 2 steps with CFG (2 rows) cost 2 × 2 × 64 = 256 row-step pixels
+    keys = write_key_file(tmp_path / "keys.toml", {"shop": ("shop-key", ["generate"])}, row_step_pixels_per_minute=600)
+    settings = Settings(models_dir=tiny_models_dir, state_dir=tmp_path / "state", api_keys_file=keys)
+    with TestClient(create_app(settings), headers=bearer("shop-key")) as c:
+        wait_ready(c)
+        assert c.post("/v1/images/generations", json=QUICK).status_code == 200
+        assert c.post("/v1/images/generations", json={**QUICK, "guidance_scale": 1.0}).status_code == 200  # 128
+        big = c.post("/v1/images/generations", json={**QUICK, "num_inference_steps": 8})  # 1,024: over what is left
+        assert big.status_code == 429 and big.json()["error"]["code"] == "compute_quota_exceeded"
+        assert int(big.headers["Retry-After"]) >= 1
+        cheap = {**QUICK, "guidance_scale": 1.0}  # 128: one row per image
+        assert c.post("/v1/images/generations", json=cheap).status_code == 200  # 216 left: a small one still fits
+        metrics = c.get("/metrics").text
+        assert 'imagegen_quota_rejections_total{key="shop",reason="compute"} 1.0' in metrics

@@ -56,7 +56,7 @@ def dockerfile_env() -> dict[str, str]:
 def exposed_sample_names() -> set[str]:
     """Every series name the app can expose: families, with _total / _bucket / _sum / _count forms."""
     metrics = Metrics()
-    metrics.watch(lambda: Snapshot(signer_trusted=True))
+    metrics.watch(lambda: Snapshot(signer_trusted=True, database_up=True))
     names = set()
     for family in text_string_to_metric_families(generate_latest(metrics.registry).decode()):
         suffixes = {"counter": ("_total",), "histogram": ("_bucket", "_sum", "_count")}.get(family.type, ("",))

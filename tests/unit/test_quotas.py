@@ -52,3 +52,31 @@ def test_a_refused_request_costs_no_token() -> None:
     hold()
     clock.now += 10.0  # one token per 10 s
     q.acquire("k", 6, 1)
+
+
+def test_compute_quota_charges_what_a_request_asks_of_the_unet() -> None:
+    clock = Clock()
+    q = Quotas(clock)
+    per_minute = 60_000.0  # row-step pixels: 1,000 a second
+    q.acquire("k", 0, 0, 40_000, per_minute)()  # a minute's worth may be spent at once
+    with pytest.raises(QuotaExceeded) as exc:
+        q.acquire("k", 0, 0, 30_000, per_minute)  # 20,000 left: a big request waits
+    assert exc.value.reason == "compute" and exc.value.retry_after == 10
+    q.acquire("k", 0, 0, 20_000, per_minute)()  # a small one still fits
+    clock.now += 60.0
+    q.acquire("k", 0, 0, 500_000, per_minute)()  # a full bucket admits even a request larger than the budget…
+    with pytest.raises(QuotaExceeded):
+        q.acquire("k", 0, 0, 1, per_minute)  # …which then owes the difference
+    q.acquire("other", 0, 0, 60_000, per_minute)()  # keys do not share buckets
+
+
+def test_a_refused_compute_charge_takes_no_rate_token() -> None:
+    clock = Clock()
+    q = Quotas(clock)
+    q.acquire("k", 6, 0, 10, 10)()  # rate 6/min: a burst of one request
+    clock.now += 10.0  # the request token is back, the compute bucket is not (10/min)
+    with pytest.raises(QuotaExceeded) as exc:
+        q.acquire("k", 6, 0, 10, 10)
+    assert exc.value.reason == "compute"
+    clock.now += 60.0
+    q.acquire("k", 6, 0, 10, 10)()
