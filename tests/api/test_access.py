@@ -183,3 +183,17 @@ def test_compute_quota_weighs_steps_rows_and_pixels(tiny_models_dir: Path, tmp_p
         assert c.post("/v1/images/generations", json=cheap).status_code == 200  # 216 left: a small one still fits
         metrics = c.get("/metrics").text
         assert 'imagegen_quota_rejections_total{key="shop",reason="compute"} 1.0' in metrics
+
+
+def test_a_held_result_is_for_the_key_that_asked_for_it(client: TestClient) -> None:
+    held = client.post("/v1/images/generations", json={**QUICK, "contains_logo": True}, headers=bearer("shop-key"))
+    review_id = held.json()["data"][0]["review_id"]
+    assert client.post(f"/v1/reviews/{review_id}/approve", headers=bearer("review-key")).status_code == 200
+    other = client.get(f"/v1/reviews/{review_id}/result", headers=bearer("other-shop-key"))
+    assert other.status_code == 404 and other.json()["error"]["code"] == "review_not_found"  # not even its existence
+    assert client.get(f"/v1/reviews/{review_id}/result", headers=bearer("shop-key")).status_code == 200
+    assert client.get(f"/v1/reviews/{review_id}/result", headers=bearer("admin-key")).status_code == 200
+    audit = client.get(f"/v1/reviews/{review_id}", headers=bearer("review-key")).json()["audit"]
+    assert [(a["event"], a["actor"]) for a in audit] == [
+        ("held", "shop"), ("approved", "reviewer"), ("fetched", "shop"), ("fetched", "ops")
+    ]  # fmt: skip

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -151,3 +152,41 @@ def test_a_failing_decode_fails_only_the_request_that_causes_it(model: LoadedMod
     results = run_together(poisoned, [request(3.0, seed=1), request(3.0, seed=3, n=3), request(1.0, seed=2)])
     assert isinstance(results[1], RuntimeError) and "poisoned decode" in str(results[1])
     assert len(pixels(results[0])) == 1 and len(pixels(results[2])) == 1
+
+
+# ---- release backlog ---------------------------------------------------------------------------------------
+
+
+def test_the_release_backlog_is_bounded_in_bytes(model: LoadedModel) -> None:
+    """With room for less than one job's pixels, jobs are handed to the gate one at a time: the step loop waits."""
+    inside, most = 0, 0
+    lock = threading.Lock()
+    gate = Gate(Policy.load())
+
+    def slow_finish(req: GenerationRequest, pixels: np.ndarray) -> list:  # type: ignore[type-arg]
+        nonlocal inside, most
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        time.sleep(0.2)
+        with lock:
+            inside -= 1
+        return gate.finish(req, pixels)
+
+    def run(backlog: int) -> int:
+        nonlocal most
+        most = 0
+        config = EngineConfig(SchedulerConfig(max_rows_per_forward=16), max_release_backlog_bytes=backlog)
+        engine = ModelEngine(model, config, PromptCache(), slow_finish)
+        engine.start()
+        assert engine.ready.wait(30)
+        try:
+            jobs = [engine.submit(request(1.0, seed=s)) for s in range(4)]
+            for job in jobs:
+                job.future.result(60)
+        finally:
+            engine.stop(30)
+        return most
+
+    assert run(backlog=1) == 1  # one 16x16 image is 768 bytes: each job waits for the one before
+    assert run(backlog=1 << 20) == 2  # room for all: the release pool's two threads overlap
