@@ -13,7 +13,7 @@ from typing import Any
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from tokenizers import Tokenizer, models, pre_tokenizers, processors, trainers
-from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerFast
+from transformers import CLIPTextConfig, CLIPTextModel, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 CORPUS = [
     "a red mug on a white background",
@@ -96,11 +96,13 @@ def build_tiny_model(
     time_cond_proj_dim: int | None = None,
     seed: int = 0,
     defaults: dict[str, Any] | None = None,
+    tokenizer: PreTrainedTokenizerBase | None = None,
 ) -> Path:
-    """Write a random-weight SD-layout model to ``folder`` and return it."""
+    """Write a random-weight SD-layout model to ``folder`` and return it (``tokenizer``: the small BPE one by
+    default; the text encoder's vocabulary and context follow it)."""
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = bpe_tokenizer()
+    tokenizer = tokenizer or bpe_tokenizer()
     tokenizer.save_pretrained(folder / "tokenizer")
     text_encoder = CLIPTextModel(
         CLIPTextConfig(
@@ -109,7 +111,7 @@ def build_tiny_model(
             intermediate_size=64,
             num_hidden_layers=2,
             num_attention_heads=4,
-            max_position_embeddings=MAX_TOKENS,
+            max_position_embeddings=tokenizer.model_max_length,
             pad_token_id=tokenizer.pad_token_id,
             bos_token_id=tokenizer.bos_token_id,
             eos_token_id=tokenizer.eos_token_id,
@@ -148,7 +150,7 @@ def build_tiny_model(
     index = {
         "_class_name": pipeline,
         "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "PreTrainedTokenizerFast"],
+        "tokenizer": ["transformers", type(tokenizer).__name__],
         "unet": ["diffusers", "UNet2DConditionModel"],
         "vae": ["diffusers", "AutoencoderKL"],
         "scheduler": ["diffusers", scheduler["_class_name"]],

@@ -15,8 +15,7 @@ import unicodedata
 from collections.abc import Callable
 from pathlib import Path
 
-import torch
-from transformers import AutoTokenizer, CLIPTextConfig, CLIPTextModel, CLIPTokenizer, PreTrainedTokenizerBase
+from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 
 from app.pipeline.components import TextEncoder
 from tests.tiny_models import build_tiny_model
@@ -82,27 +81,7 @@ def reader(tokenizer: PreTrainedTokenizerBase) -> TextEncoder:
 
 def build_clip_tiny_model(folder: Path, scheduler: dict[str, object], tokenizer: CLIPTokenizer) -> Path:
     """A tiny SD-layout model whose tokenizer is the real CLIP one (vocabulary 49408, context 77)."""
-    build_tiny_model(folder, scheduler)
-    for stale in (folder / "tokenizer").iterdir():
-        stale.unlink()
-    tokenizer.save_pretrained(folder / "tokenizer")
-    torch.manual_seed(0)
-    config = CLIPTextConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        max_position_embeddings=CLIP_MAX_TOKENS,
-        pad_token_id=tokenizer.pad_token_id,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-    )
-    CLIPTextModel(config).save_pretrained(folder / "text_encoder", safe_serialization=True)
-    index = json.loads((folder / "model_index.json").read_text())
-    index["tokenizer"] = ["transformers", "CLIPTokenizer"]
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    return folder
+    return build_tiny_model(folder, scheduler, tokenizer=tokenizer)
 
 
 def in_each_word(mark: str) -> Callable[[str], str]:
