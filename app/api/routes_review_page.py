@@ -24,6 +24,7 @@ from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Role
 from app.api.routes_reviews import gate
+from app.api.schemas import valid_text
 from app.settings import Settings
 from app.state.reviews import Review, ReviewError
 from app.state.sessions import Session, SessionStore, shared_store
@@ -222,6 +223,10 @@ async def decide(review_id: str, decision: str, request: Request, services: Serv
     who, note = session.reviewer, field(form, "note")
     if len(note) > MAX_NOTE_CHARS:
         raise APIError(400, "invalid_value", f"note: at most {MAX_NOTE_CHARS} characters", param="note")
+    try:
+        valid_text(note)
+    except ValueError as exc:  # the same rule as every JSON string field: nothing malformed is stored
+        raise APIError(400, "invalid_value", f"note: {exc}", param="note") from exc
     reviewing = gate(services)
     try:
         if decision == "approve":

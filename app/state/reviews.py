@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import re
 import sqlite3
 import threading
 import time
@@ -26,6 +27,7 @@ from app.gate.release import GenerationRecord, ReleasedImage
 from app.state.database import Database, Execute
 
 ReviewStatus = Literal["pending", "approved", "rejected"]
+REVIEW_ID = re.compile(r"[0-9a-f]{32}")
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS reviews (
@@ -176,6 +178,8 @@ class ReviewStore:
         return ids
 
     def _row(self, review_id: str) -> dict[str, Any]:
+        if not REVIEW_ID.fullmatch(review_id):  # ids are ours (uuid4 hex): anything else is not asked of the database
+            raise ReviewError("review_not_found", "no such review")
         rows, _ = self._db.execute("SELECT * FROM reviews WHERE id = ?", (review_id,))
         if not rows:
             raise ReviewError("review_not_found", f"review {review_id!r} does not exist")

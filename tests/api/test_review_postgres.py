@@ -52,3 +52,21 @@ def test_two_replicas_share_the_review_queue(
         audit = a.get(f"/v1/reviews/{first}", headers=AUTH).json()["audit"]
         events = [(e["event"], e["actor"]) for e in audit]
         assert events == [("held", "dana"), ("approved", "dana"), ("fetched", "dana")]
+
+
+def test_ids_and_notes_postgres_cannot_store_are_4xx(
+    database: str, tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """PostgreSQL refuses NUL in text: such input must be a 4xx before it reaches the database, never a 500."""
+    with replica(tiny_models_dir, database, tmp_path_factory.mktemp("state")) as a:
+        wait_ready(a)
+        for path in ("/v1/reviews/%00", "/v1/reviews/a%00b/image", "/v1/reviews/%ED%A0%80/result"):
+            r = a.get(path, headers=AUTH)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "review_not_found", (path, r.text)
+        body = {"model": "tiny-eps", "prompt": "a mug", "num_inference_steps": 2, "contains_logo": True}
+        review_id = a.post("/v1/images/generations", json=body).json()["data"][0]["review_id"]
+        raw = b'{"note": "a\\u0000b"}'
+        r = a.post(f"/v1/reviews/{review_id}/reject", content=raw, headers={**AUTH, "content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value"
+        assert a.get(f"/v1/reviews/{review_id}", headers=AUTH).json()["status"] == "pending"  # nothing was decided
+        assert a.get("/v1/reviews", headers=AUTH).status_code == 200
