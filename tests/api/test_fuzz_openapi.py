@@ -5,32 +5,34 @@ Bounded in examples so that the suite stays fast; the explicit hostile cases liv
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import time
 from pathlib import Path
 
 import pytest
 import schemathesis
-from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
+from schemathesis.python import asgi
 
 from app.main import create_app
 from app.settings import Settings
-from tests.helpers import wait_ready
 
 
 @pytest.fixture(scope="module")
-def fuzzed_schema(
-    tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[schemathesis.schemas.BaseSchema]:
+def fuzzed_schema(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> schemathesis.schemas.BaseSchema:
     # Without a key file the schema is served; small bounds keep each accepted generation cheap.
     state = tmp_path_factory.mktemp("state")
     app = create_app(
         Settings(models_dir=tiny_models_dir, default_model="tiny-eps", state_dir=state, max_steps=4, max_images=2)
     )
-    with TestClient(app) as client:  # runs the lifespan: models loaded, engine warm
-        wait_ready(client)
-        yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    schema = schemathesis.openapi.from_asgi("/openapi.json", app)
+    # schemathesis runs the app's lifespan itself (once, for the whole process): wait until that start is warm
+    with asgi.get_client(app) as client:
+        deadline = time.monotonic() + 120
+        while client.get(f"http://{asgi.HOST}/readyz").status_code != 200:
+            assert time.monotonic() < deadline, "the fuzzed app did not get ready"
+            time.sleep(0.1)
+    return schema
 
 
 def test_no_input_answers_a_server_error(fuzzed_schema: schemathesis.schemas.BaseSchema) -> None:
