@@ -156,4 +156,8 @@ OBFUSCATIONS: dict[str, Callable[[str], str]] = {
     "en dashes": lambda p: p.replace("-", "\u2013"),
     "non-breaking hyphens": lambda p: p.replace("-", "\u2011"),
     "minus signs": lambda p: p.replace("-", "\u2212"),
+    # Invisible letters (Lo, yet default-ignorable): Hangul fillers glued to the words.
+    "hangul filler before words": lambda p: " ".join("\u3164" + w for w in p.split(" ")),
+    "halfwidth hangul filler after words": lambda p: " ".join(w + "\uffa0" for w in p.split(" ")),
+    "hangul choseong filler inside words": in_each_word("\u115f"),
 }

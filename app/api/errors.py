@@ -71,9 +71,9 @@ def _api_error(_: Request, exc: Exception) -> JSONResponse:
 
 def _http_error(_: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, StarletteHTTPException)
-    code = getattr(exc, "code", None) or {404: "not_found", 405: "method_not_allowed"}.get(
-        exc.status_code, "http_error"
-    )
+    # FastAPI's own 400 is a body it could not parse (nested too deep, a number too long for Python)
+    default = {400: "invalid_json", 404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+    code = getattr(exc, "code", None) or default  # our own HTTPException subclasses name their code
     return error_response(exc.status_code, code, str(exc.detail), headers=getattr(exc, "headers", None))
 
 

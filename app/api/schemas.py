@@ -35,11 +35,11 @@ class ImageGenerationBody(BaseModel):
 
     prompt: Text
     model: Text | None = Field(None, max_length=256)
-    n: int = 1
+    n: int = Field(1, strict=True)  # strict: "1", true and 2.0 are not counts
     size: Text | None = Field(None, description='"WxH" (or "auto" for the model default)')
     response_format: Text | None = Field(None, description="only b64_json")
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int | None = Field(None, ge=0, le=100)
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
     user: Text | None = Field(None, max_length=256)
     # Accepted for OpenAI compatibility; they do not change diffusion sampling.
     quality: Text | None = Field(None, max_length=256)
@@ -48,16 +48,16 @@ class ImageGenerationBody(BaseModel):
     moderation: Text | None = Field(None, max_length=256)
     # Diffusion fields.
     negative_prompt: Text | None = None
-    num_inference_steps: int | None = None
+    num_inference_steps: int | None = Field(None, strict=True)
     guidance_scale: float | None = None
     guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="φ of Lin et al. 2023 (0 = off)")
-    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
     sampler: Text | None = Field(None, max_length=64)
     eta: float | None = Field(None, ge=0.0, le=1.0)
     # What the image is for: the release gate's policy decides on it (app/gate/default_policy.toml).
     asset_type: Text = Field("campaign_background", max_length=64)
-    claims_real_sku: bool = False
-    contains_logo: bool = False
+    claims_real_sku: bool = Field(False, strict=True)  # strict: "no" is not False
+    contains_logo: bool = Field(False, strict=True)
 
 
 class GenerationRecordOut(BaseModel):

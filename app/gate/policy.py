@@ -34,11 +34,21 @@ _WORD = re.compile(rf"{_LETTER}+|\d+")  # letter runs and digit runs: CLIP's pre
 _NOT_IDENTIFIER = re.compile(r"[^\w\s-]|_")  # what may stand between "SKU" and its number
 
 
+# Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): drawn as nothing. Most are format
+# characters (Cf), but Hangul fillers are letters (Lo) and a few are marks or unassigned; unicodedata does not
+# expose the property, so its ranges are listed here.
+_IGNORABLE = re.compile(
+    "[\u00ad\u034f\u061c\u115f\u1160\u17b4\u17b5\u180b-\u180f\u200b-\u200f\u202a-\u202e\u2060-\u206f"
+    "\u3164\ufe00-\ufe0f\ufeff\uffa0\ufff0-\ufff8\U0001bca0-\U0001bca3\U0001d173-\U0001d17a"
+    "\U000e0000-\U000e0fff]"
+)
+
+
 def _kept(c: str, format_chars: str) -> str:
     """One character of an NFKD-decomposed, case-folded text, as screening sees it."""
     category = unicodedata.category(c)
-    if category[0] == "C" and not c.isspace():  # format, control, private use: BERT drops them, CLIP splits at them
-        return format_chars
+    if (category[0] == "C" and not c.isspace()) or _IGNORABLE.match(c):
+        return format_chars  # format, control, private use, invisible: BERT drops them, CLIP splits at them
     if category in ("Mn", "Me"):  # as BERT strips accents: every mark, variation selectors included
         return ""
     if category == "Pd" or c == "\u2212":  # en dash, non-breaking hyphen, minus: the same identifier

@@ -128,9 +128,13 @@ def _open(data: bytes, fmt: str, max_pixels: int) -> ImageFile.ImageFile:
 
 
 def _decode(image: ImageFile.ImageFile) -> np.ndarray:
+    """(H, W, 3) uint8, with one copy of the pixels at a time: a large upload costs a few times its RGB size."""
     try:
         image.load()
-        return np.asarray(image.convert("RGB"))  # (H, W, 3) uint8
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        pixels = np.empty((rgb.height, rgb.width, 3), dtype=np.uint8)
+        pixels.reshape(-1)[:] = np.frombuffer(rgb.tobytes(), dtype=np.uint8)
+        return pixels
     except _BROKEN as exc:
         raise InvalidImage("the image data is truncated or corrupt") from exc
 
@@ -142,17 +146,20 @@ def verify(data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS) -> dict[str, An
         raise NotAnImage("the body is not a PNG, JPEG or WebP image")
     image = _open(data, fmt, max_pixels)
     pixels = _decode(image)
-    raw_xmp = image.info.get("XML:com.adobe.xmp") or image.info.get("xmp") or b""
+    size, info = list(image.size), image.info
+    image.close()  # its decoded copy is no longer needed while the watermark is read
+    raw_xmp = info.get("XML:com.adobe.xmp") or info.get("xmp") or b""
     xmp = raw_xmp.decode(errors="replace") if isinstance(raw_xmp, bytes) else str(raw_xmp)
     reading = watermark.extract(pixels)
+    del pixels
     return {
         "format": fmt,
-        "size": list(image.size),
+        "size": size,
         "c2pa": asdict(read_manifest(data, MEDIA_TYPES[fmt])),
         "xmp": dict(_XMP_FIELD.findall(xmp)),
         "watermark": {
             "payload": None if reading.payload is None else f"{reading.payload:08x}",
             "confidence": round(reading.confidence, 3),
-            "checked": watermark.can_mark(*image.size),
+            "checked": watermark.can_mark(size[0], size[1]),
         },
     }

@@ -75,32 +75,45 @@ def _ihaar(ll: np.ndarray, lh: np.ndarray, hl: np.ndarray, hh: np.ndarray) -> np
     return out
 
 
-def _blocks(shape: tuple[int, int]) -> list[tuple[int, int]]:
-    return [(i, j) for i in range(0, shape[0] - BLOCK + 1, BLOCK) for j in range(0, shape[1] - BLOCK + 1, BLOCK)]
+def _to_blocks(band: np.ndarray) -> np.ndarray:
+    """(h, w) → (N, 4, 4): the band's whole 4×4 blocks, row by row (the order the payload bits repeat in)."""
+    rows, cols = band.shape[0] // BLOCK, band.shape[1] // BLOCK
+    cut = band[: rows * BLOCK, : cols * BLOCK]
+    return cut.reshape(rows, BLOCK, cols, BLOCK).transpose(0, 2, 1, 3).reshape(-1, BLOCK, BLOCK)
+
+
+def _from_blocks(blocks: np.ndarray, band: np.ndarray) -> np.ndarray:
+    """The inverse of ``_to_blocks``, written over a copy of ``band`` (its ragged edge kept as it was)."""
+    rows, cols = band.shape[0] // BLOCK, band.shape[1] // BLOCK
+    out = band.copy()
+    out[: rows * BLOCK, : cols * BLOCK] = (
+        blocks.reshape(rows, cols, BLOCK, BLOCK).transpose(0, 2, 1, 3).reshape(rows * BLOCK, cols * BLOCK)
+    )
+    return out
 
 
 def _embed_plane(plane: np.ndarray, bits: np.ndarray) -> np.ndarray:
     h, w = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
     ll, lh, hl, hh = _haar(plane[:h, :w])
-    for k, (i, j) in enumerate(_blocks(ll.shape)):
-        coeffs = DCT @ ll[i : i + BLOCK, j : j + BLOCK] @ DCT.T
-        u, s, vt = np.linalg.svd(coeffs)
-        bit = bits[k % BITS]
-        s[0] = (np.floor(s[0] / STEP) + (0.75 if bit else 0.25)) * STEP
-        ll[i : i + BLOCK, j : j + BLOCK] = DCT.T @ (u @ np.diag(s) @ vt) @ DCT
+    blocks = _to_blocks(ll)
+    coeffs = DCT @ blocks @ DCT.T  # (N, 4, 4): one DCT per block, all at once
+    u, s, vt = np.linalg.svd(coeffs)
+    bit = bits[np.arange(len(blocks)) % BITS]
+    s[:, 0] = (np.floor(s[:, 0] / STEP) + np.where(bit == 1, 0.75, 0.25)) * STEP
+    marked = DCT.T @ ((u * s[:, None, :]) @ vt) @ DCT
     out = plane.copy()
-    out[:h, :w] = _ihaar(ll, lh, hl, hh)
+    out[:h, :w] = _ihaar(_from_blocks(marked, ll), lh, hl, hh)
     return out
 
 
-def _votes(plane: np.ndarray) -> np.ndarray:
-    h, w = plane.shape[0] // 2 * 2, plane.shape[1] // 2 * 2
-    ll = _haar(plane[:h, :w])[0]
-    votes = np.zeros(BITS)
-    for k, (i, j) in enumerate(_blocks(ll.shape)):
-        s0 = np.linalg.svd(DCT @ ll[i : i + BLOCK, j : j + BLOCK] @ DCT.T, compute_uv=False)[0]
-        votes[k % BITS] += 1 if (s0 / STEP) % 1.0 >= 0.5 else -1
-    return votes
+def _votes(luma: np.ndarray) -> np.ndarray:
+    h, w = luma.shape[0] // 2 * 2, luma.shape[1] // 2 * 2
+    a, b = luma[0:h:2, 0:w:2], luma[0:h:2, 1:w:2]
+    c, d = luma[1:h:2, 0:w:2], luma[1:h:2, 1:w:2]
+    blocks = _to_blocks((a + b + c + d) / 2)  # the Haar low band only: the others carry no bits
+    s0 = np.linalg.svd(DCT @ blocks @ DCT.T, compute_uv=False)[:, 0]
+    vote = np.where((s0 / STEP) % 1.0 >= 0.5, 1.0, -1.0)
+    return np.bincount(np.arange(len(blocks)) % BITS, weights=vote, minlength=BITS)
 
 
 def can_mark(width: int, height: int) -> bool:
@@ -127,8 +140,13 @@ class Reading:
 def extract(rgb: np.ndarray) -> Reading:
     if not can_mark(rgb.shape[1], rgb.shape[0]):
         return Reading(None, 0.0)
-    votes = _votes(_to_yuv(rgb)[..., 0])
-    total = len(_blocks((rgb.shape[0] // 2, rgb.shape[1] // 2))) / BITS
+    # Luma alone, in float32: an upload of 4096² reads in a few hundred MB, not gigabytes. The bits sit a
+    # quarter step (8 luma levels) from their decision boundary, far beyond float32 rounding.
+    luma = np.multiply(rgb[..., 0], np.float32(0.299), dtype=np.float32)
+    for channel, weight in ((1, 0.587), (2, 0.114)):
+        luma += np.multiply(rgb[..., channel], np.float32(weight), dtype=np.float32)
+    votes = _votes(luma)
+    total = (rgb.shape[0] // 2 // BLOCK) * (rgb.shape[1] // 2 // BLOCK) / BITS
     word = 0
     for v in votes:
         word = (word << 1) | int(v > 0)

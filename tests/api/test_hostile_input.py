@@ -122,3 +122,18 @@ def test_an_upload_may_be_larger_than_a_json_body(client: TestClient) -> None:
 
 def test_the_service_still_serves(client: TestClient) -> None:
     assert client.post("/v1/images/generations", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize(
+    "fields",
+    [{"n": True}, {"n": "1"}, {"n": 1.0}, {"num_inference_steps": "2"}, {"seed": "7"}, {"contains_logo": "no"}],
+)
+def test_counts_and_flags_are_typed_strictly(client: TestClient, fields: dict) -> None:
+    r = client.post("/v1/images/generations", json={**GOOD, **fields})
+    assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_value", r.text
+
+
+@pytest.mark.parametrize("raw", [b"[" * 10000 + b"]" * 10000, b'{"prompt": "a", "n": ' + b"9" * 5000 + b"}"])
+def test_bodies_the_parser_cannot_take_are_invalid_json(client: TestClient, raw: bytes) -> None:
+    r = client.post("/v1/images/generations", content=raw, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and r.json()["error"]["code"] in ("invalid_json", "invalid_value"), r.text
