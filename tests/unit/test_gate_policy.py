@@ -55,3 +55,13 @@ def test_a_policy_file_with_an_unknown_rule_is_refused(tmp_path: Path) -> None:
     path.write_text('[asset_types]\ncampaign_background = "maybe"\n')
     with pytest.raises(ValueError, match="release, review or block"):
         Policy.load(path)
+
+
+@pytest.mark.parametrize("prompt", ["a skull-shaped mug", "skulls on a black t-shirt", "a knitted skullcap"])
+def test_words_that_start_like_sku_are_not_skus(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "synthetic_labeled_preview"
+
+
+@pytest.mark.parametrize("prompt", ["mug, SKU 88-1234-X", "SKU-ABC123 bottle", "sku: 4711 lamp", "SKU#X-1000"])
+def test_identifiers_after_sku_are_held(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "human_review"
