@@ -32,6 +32,7 @@ _SPACES = re.compile(r"\s+")
 _LETTER = r"[^\W\d_]"
 _WORD = re.compile(rf"{_LETTER}+|\d+")  # letter runs and digit runs: CLIP's pre-tokenizer splits them apart
 _NOT_IDENTIFIER = re.compile(r"[^\w\s-]|_")  # what may stand between "SKU" and its number
+_DIGIT_GAPS = re.compile(r"(?<=\d)[ .-](?=\d)")
 
 
 # Unicode's Default_Ignorable_Code_Point (DerivedCoreProperties.txt): drawn as nothing. Most are format
@@ -144,7 +145,10 @@ class Policy:
         if brands:
             logo = True
             reasons_logo += [f"prompt mentions {b!r}" for b in sorted(brands)]
-        spaced = dict.fromkeys([*texts, *(_SPACES.sub(" ", _NOT_IDENTIFIER.sub(" ", t)) for t in texts)])
+        spaced = [_SPACES.sub(" ", _NOT_IDENTIFIER.sub(" ", t)) for t in texts]
+        # barcodes are printed in groups: "EAN 4006 3813 3393 1" is the number 4006381333931
+        grouped = [_DIGIT_GAPS.sub("", t) for t in spaced]
+        spaced = list(dict.fromkeys([*texts, *spaced, *grouped]))
         skus = [m.group(0) for text in spaced for p in self.sku_patterns if (m := p.search(text))]
         if skus:
             sku = True

@@ -65,3 +65,12 @@ def test_words_that_start_like_sku_are_not_skus(prompt: str) -> None:
 @pytest.mark.parametrize("prompt", ["mug, SKU 88-1234-X", "SKU-ABC123 bottle", "sku: 4711 lamp", "SKU#X-1000"])
 def test_identifiers_after_sku_are_held(prompt: str) -> None:
     assert POLICY.decide(Use(), prompt).outcome == "human_review"
+
+
+@pytest.mark.parametrize("prompt", ["EAN 4006 3813 3393 1 on the box", "UPC 0-12345-67890-5", "GTIN: 4006.3813.3393.1"])
+def test_barcodes_printed_in_groups_are_held(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "human_review"
+
+
+def test_numbers_that_are_not_barcodes_stay_released() -> None:
+    assert POLICY.decide(Use(), "a mug with 3 4 5 dots, 120 ml").outcome == "synthetic_labeled_preview"
