@@ -40,7 +40,7 @@ async def authenticate(  # async: a hash and a dict lookup, no threadpool hop pe
     # The review page's session cookie signs in only reads (its <img> tags): a state change needs the header,
     # so no page of the same site (another port, a sibling subdomain) can post one with the cookie.
     if not token and session and services.keys is not None and request.method in ("GET", "HEAD"):
-        sessions = shared_store(request.app.state, services.settings.review_database())
+        sessions = shared_store(request.app.state, services.settings)
         found = await asyncio.to_thread(sessions.lookup, session)  # a database query: off the event loop
         # The session's key as the key file has it now: a removed key, or one without the role, is out.
         caller = services.keys.by_name(found.reviewer) if found is not None else None

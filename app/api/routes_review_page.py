@@ -96,7 +96,7 @@ def clear_cookie(response: Response, settings: Settings, name: str, path: str) -
 
 
 def sessions(request: Request, services: Services) -> SessionStore:
-    return shared_store(request.app.state, services.settings.review_database())
+    return shared_store(request.app.state, services.settings)
 
 
 async def signed_in(request: Request, services: Services) -> Session | None:

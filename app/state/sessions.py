@@ -14,6 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from app.settings import Settings
 from app.state.database import Database
 
 SCHEMA = """
@@ -42,10 +43,17 @@ def digest(token: str) -> str:
 
 
 class SessionStore:
-    def __init__(self, url: str, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        url: str,
+        clock: Callable[[], float] = time.time,
+        connect_timeout: float = 3.0,
+        statement_timeout: float = 10.0,
+    ) -> None:
         """``url``: ``postgresql://…`` or ``sqlite:///path/to/file`` (the review store's database). Nothing is
         opened here: the first query connects (and creates the table), so building one never blocks."""
         self._url, self._clock = url, clock
+        self._timeouts = connect_timeout, statement_timeout
         self._opened: Database | None = None
         self._opening = threading.Lock()
 
@@ -53,7 +61,7 @@ class SessionStore:
     def _db(self) -> Database:
         with self._opening:  # one connection per store, even when the first requests come together
             if self._opened is None:
-                self._opened = Database(self._url, SCHEMA)
+                self._opened = Database(self._url, SCHEMA, *self._timeouts, pool_size=2)  # sign-ins are rare
             return self._opened
 
     def open(self, reviewer: str, ttl: float) -> tuple[str, str]:
@@ -88,7 +96,7 @@ class SessionStore:
 _OPENING = threading.Lock()
 
 
-def shared_store(holder: Any, url: str) -> SessionStore:
+def shared_store(holder: Any, settings: Settings) -> SessionStore:
     """The one store of ``holder`` (an app's state, as ``reviewer_sessions``), made on first use; it connects
     on its first query."""
     store = getattr(holder, "reviewer_sessions", None)
@@ -96,6 +104,10 @@ def shared_store(holder: Any, url: str) -> SessionStore:
         with _OPENING:
             store = getattr(holder, "reviewer_sessions", None)
             if store is None:
-                store = holder.reviewer_sessions = SessionStore(url)
+                store = holder.reviewer_sessions = SessionStore(
+                    settings.review_database(),
+                    connect_timeout=settings.database_connect_timeout_seconds,
+                    statement_timeout=settings.database_statement_timeout_seconds,
+                )
     assert isinstance(store, SessionStore)
     return store
