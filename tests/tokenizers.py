@@ -160,4 +160,7 @@ OBFUSCATIONS: dict[str, Callable[[str], str]] = {
     "hangul filler before words": lambda p: " ".join("\u3164" + w for w in p.split(" ")),
     "halfwidth hangul filler after words": lambda p: " ".join(w + "\uffa0" for w in p.split(" ")),
     "hangul choseong filler inside words": in_each_word("\u115f"),
+    # Letters of other scripts drawn like Latin ones.
+    "cyrillic look-alikes": lambda p: p.translate(str.maketrans("aeiopcxysAEIOPCXKMHTB", "аеіорсхуѕАЕІОРСХКМНТВ")),
+    "greek capitals": lambda p: p.upper().translate(str.maketrans("AEIKNOPTXYBZHM", "ΑΕΙΚΝΟΡΤΧΥΒΖΗΜ")),
 }

@@ -2,12 +2,13 @@
 hold for human review, or block before any compute. Pure: no I/O beyond reading the policy file.
 
 The prompt is screened as the text encoder reads it, not as bytes: each view (the prompt itself and each
-loaded tokenizer's round trip of it) is normalised — Unicode NFKC, invisible characters (format, control,
-private use) removed or, in a second reading, taken as spaces, case-folded, accents and other marks stripped,
-dashes read as hyphens, whitespace runs collapsed — and every rule is matched against every view. A soft
-hyphen, a zero-width joiner, a tab, fullwidth letters or an accent inside a screened word still match it; so
-does a phrase whose words are joined by punctuation (fake-receipt) and a word with digits glued on (nike2024),
-since the tokenizers split those apart.
+loaded tokenizer's round trip of it, each again with look-alike Cyrillic and Greek letters read as Latin) is
+normalised — Unicode NFKC, invisible characters (format, control, private use, default-ignorable) removed or,
+in a second reading, taken as spaces, case-folded, accents and other marks stripped, dashes read as hyphens,
+whitespace runs collapsed — and every rule is matched against every view. A soft hyphen, a zero-width joiner,
+a tab, fullwidth letters or an accent inside a screened word still match it; so does a phrase whose words are
+joined by punctuation (fake-receipt) and a word with digits glued on (nike2024), since the tokenizers split
+those apart.
 """
 
 from __future__ import annotations
@@ -66,10 +67,24 @@ def normalise(text: str, *, format_chars: str = "") -> str:
     return _SPACES.sub(" ", text).strip()
 
 
+# Cyrillic, Greek and other letters drawn like Latin ones (prototypes from Unicode's confusables, UTS #39, for
+# the letters a screened term can hold), read before case folding so that capitals map to capitals: a person
+# reads "nіke" (Cyrillic і) or "ΝΙΚΕ" (Greek) as nike.
+_LOOKALIKES = str.maketrans(
+    {
+        **dict(zip("АВЕЅІЈКМНОРСТХУаеѕіјорсхуԁһӏԛԝѵ", "ABESIJKMHOPCTXYaesijopcxydhlqwv", strict=True)),
+        **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧαικνορτυχ", "ABEZHIKMNOPTYXaikvoptux", strict=True)),
+        **dict(zip("ɑɡᴀᴠʏ", "agavy", strict=True)),
+    }
+)
+
+
 def views(prompt: str, readings: Iterable[str] = ()) -> tuple[str, ...]:
     """The normalised prompt and each normalised tokenizer reading of it, invisible characters read both
-    ways, without repeats."""
-    return tuple(dict.fromkeys(normalise(t, format_chars=f) for t in (prompt, *readings) for f in ("", " ")))
+    ways, and each again with look-alike letters read as the Latin ones, without repeats."""
+    texts = [prompt, *readings]
+    texts += [t.translate(_LOOKALIKES) for t in texts]
+    return tuple(dict.fromkeys(normalise(t, format_chars=f) for t in texts for f in ("", " ")))
 
 
 @functools.lru_cache(maxsize=256)

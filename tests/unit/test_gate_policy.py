@@ -74,3 +74,13 @@ def test_barcodes_printed_in_groups_are_held(prompt: str) -> None:
 
 def test_numbers_that_are_not_barcodes_stay_released() -> None:
     assert POLICY.decide(Use(), "a mug with 3 4 5 dots, 120 ml").outcome == "synthetic_labeled_preview"
+
+
+@pytest.mark.parametrize("prompt", ["a nіke mug", "ΝΙΚΕ running shoes", "сосa-cola can", "ΑDIDΑS cap"])
+def test_look_alike_letters_of_other_scripts_are_read_as_latin(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "human_review"
+
+
+@pytest.mark.parametrize("prompt", ["красная кружка на белом фоне", "κόκκινη κούπα σε λευκό φόντο", "Москва mug"])
+def test_text_in_other_scripts_stays_released(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "synthetic_labeled_preview"
