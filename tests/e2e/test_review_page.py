@@ -74,7 +74,16 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     approve = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[0]} button[value=approve]")
     approve.click()
     wait.until(ec.staleness_of(approve))  # the form posted and the list reloaded
-    wait.until(ec.invisibility_of_element_located((By.ID, f"review-{ids[0]}")))
+
+    def reloaded(d: webdriver.Chrome) -> bool:  # the new list, whole: not a document still being parsed
+        complete = d.execute_script("return document.readyState") == "complete"
+        return (
+            complete
+            and not d.find_elements(By.ID, f"review-{ids[0]}")
+            and bool(d.find_elements(By.ID, f"review-{ids[1]}"))
+        )
+
+    wait.until(reloaded)
     browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} input[name=note]").send_keys("real SKU shown")
     reject = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} button[value=reject]")
     reject.click()
