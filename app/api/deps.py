@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated
 
@@ -27,22 +28,25 @@ class StreamSlots:
         self._open: dict[str, int] = {}
         self._lock = threading.Lock()
 
-    def acquire(self, job_id: str) -> bool:
+    def acquire(self, job_id: str) -> Callable[[], None] | None:
+        """A slot for one stream of ``job_id``, as its release (safe to call more than once); None when full."""
         with self._lock:
             if sum(self._open.values()) >= self.total or self._open.get(job_id, 0) >= self.per_job:
-                return False
+                return None
             self._open[job_id] = self._open.get(job_id, 0) + 1
-            return True
+        released = False
 
-    def release(self, job_id: str) -> None:
-        with self._lock:
-            self._open[job_id] -= 1
-            if not self._open[job_id]:
-                del self._open[job_id]
+        def release() -> None:
+            nonlocal released
+            with self._lock:
+                if released:
+                    return
+                released = True
+                self._open[job_id] -= 1
+                if not self._open[job_id]:
+                    del self._open[job_id]
 
-    def open(self) -> int:
-        with self._lock:
-            return sum(self._open.values())
+        return release
 
 
 @dataclass

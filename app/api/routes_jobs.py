@@ -5,10 +5,11 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from app.api.access import GenerateCaller
 from app.api.deps import Services, ServicesDep
@@ -60,34 +61,47 @@ async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller)
     return JSONResponse(body)
 
 
+class HeldSlotStream(StreamingResponse):
+    """A stream that gives its slot back however it ends: finished, client gone, cancelled before its first
+    event (a generator that never started runs no ``finally`` of its own)."""
+
+    def __init__(self, body: AsyncIterator[str], release: Callable[[], None]) -> None:
+        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        self.release = release
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self.release()
+
+
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> StreamingResponse:
     """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``;
     a comment line keeps idle proxies from closing the stream. Streams are bounded per job and in total."""
     engine = engine_for_reading(services)
     job = find_job(services, job_id, caller)
-    if not services.streams.acquire(job.id):
+    release = services.streams.acquire(job.id)
+    if release is None:
         raise APIError(429, "too_many_streams", "too many open event streams; poll the job instead",
                        headers={"Retry-After": "5"})  # fmt: skip
     keepalive = services.settings.stream_keepalive_seconds
 
     async def stream() -> AsyncIterator[str]:
-        try:
-            last, quiet_since = None, time.monotonic()
-            while not job.done:
-                progress = job_progress(job, engine)
-                if progress != last:
-                    yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
-                    last, quiet_since = progress, time.monotonic()
-                elif time.monotonic() - quiet_since >= keepalive:
-                    yield ": keep-alive\n\n"
-                    quiet_since = time.monotonic()
-                if await request.is_disconnected():
-                    return
-                await asyncio.sleep(EVENT_POLL_SECONDS)
-            yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
-            job.delivered = True
-        finally:  # the client went away, or the job ended: the slot is free again
-            services.streams.release(job.id)
+        last, quiet_since = None, time.monotonic()
+        while not job.done:
+            progress = job_progress(job, engine)
+            if progress != last:
+                yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
+                last, quiet_since = progress, time.monotonic()
+            elif time.monotonic() - quiet_since >= keepalive:
+                yield ": keep-alive\n\n"
+                quiet_since = time.monotonic()
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+        yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
+        job.delivered = True
 
-    return StreamingResponse(stream(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+    return HeldSlotStream(stream(), release)
