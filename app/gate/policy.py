@@ -58,10 +58,13 @@ def _kept(c: str, format_chars: str) -> str:
     return c
 
 
-def normalise(text: str, *, format_chars: str = "") -> str:
+def normalise(text: str, *, format_chars: str = "", symbols_as_spaces: bool = False) -> str:
     """What a tokenizer's normaliser makes of ``text``, at its most forgiving (see the module docstring).
     ``format_chars``: what invisible characters become: nothing (``ni\u00adke`` is nike) or a space
-    (``nike\u200bmug`` is two words)."""
+    (``nike\u200bmug`` is two words). ``symbols_as_spaces``: symbols read as spaces before NFKC spells
+    them out (``Nike™`` is nike, not ``niketm``)."""
+    if symbols_as_spaces:
+        text = "".join(" " if unicodedata.category(c)[0] == "S" else c for c in text)
     text = unicodedata.normalize("NFKD", unicodedata.normalize("NFKC", text).casefold())
     text = unicodedata.normalize("NFKC", "".join(_kept(c, format_chars) for c in text))
     return _SPACES.sub(" ", text).strip()
@@ -74,7 +77,9 @@ _LOOKALIKES = str.maketrans(
     {
         **dict(zip("АВЕЅІЈКМНОРСТХУаеѕіјорсхуԁһӏԛԝѵ", "ABESIJKMHOPCTXYaesijopcxydhlqwv", strict=True)),
         **dict(zip("ΑΒΕΖΗΙΚΜΝΟΡΤΥΧαικνορτυχ", "ABEZHIKMNOPTYXaikvoptux", strict=True)),
-        **dict(zip("ɑɡᴀᴠʏ", "agavy", strict=True)),
+        **dict(zip("квмнт", "kbmht", strict=True)),  # lower-case Cyrillic drawn as small capitals
+        **dict(zip("ᴀʙᴄᴅᴇɢʜɪᴊᴋʟᴍɴᴏᴘʀꜱᴛᴜᴠᴡʏᴢ", "abcdeghijklmnoprstuvwyz", strict=True)),  # Latin small capitals
+        **dict(zip("ɑɡօոսհ", "agonuh", strict=True)),  # Latin alpha, script g; Armenian
     }
 )
 
@@ -84,7 +89,8 @@ def views(prompt: str, readings: Iterable[str] = ()) -> tuple[str, ...]:
     ways, and each again with look-alike letters read as the Latin ones, without repeats."""
     texts = [prompt, *readings]
     texts += [t.translate(_LOOKALIKES) for t in texts]
-    return tuple(dict.fromkeys(normalise(t, format_chars=f) for t in texts for f in ("", " ")))
+    ways = (("", False), (" ", False), ("", True))  # (invisible characters become, symbols read as spaces)
+    return tuple(dict.fromkeys(normalise(t, format_chars=f, symbols_as_spaces=sym) for t in texts for f, sym in ways))
 
 
 @functools.lru_cache(maxsize=256)

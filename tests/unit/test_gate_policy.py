@@ -84,3 +84,13 @@ def test_look_alike_letters_of_other_scripts_are_read_as_latin(prompt: str) -> N
 @pytest.mark.parametrize("prompt", ["красная кружка на белом фоне", "κόκκινη κούπα σε λευκό φόντο", "Москва mug"])
 def test_text_in_other_scripts_stays_released(prompt: str) -> None:
     assert POLICY.decide(Use(), prompt).outcome == "synthetic_labeled_preview"
+
+
+@pytest.mark.parametrize("prompt", ["a Nike™ running shoe", "IKEA® chair", "Gucci℠ bag", "SKU™ 12345", "ⓝⓘⓚⓔ cap",
+                                    "a niкe shoe", "ɴɪᴋᴇ", "lօgօ"])  # fmt: skip
+def test_symbols_glued_to_a_term_and_more_look_alikes_are_screened(prompt: str) -> None:
+    assert POLICY.decide(Use(), prompt).outcome == "human_review"
+
+
+def test_symbols_alone_do_not_hold() -> None:
+    assert POLICY.decide(Use(), "a mug ™ with a © notice and a ® mark").outcome == "synthetic_labeled_preview"
