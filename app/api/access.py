@@ -16,7 +16,7 @@ from fastapi import Cookie, Depends, Header, Request
 from app.api.deps import Services, ServicesDep
 from app.api.errors import APIError
 from app.api.keys import Caller, Role
-from app.api.quotas import QuotaExceeded
+from app.api.quotas import QuotaExceeded, Release
 from app.state.sessions import shared_store
 
 ANONYMOUS = Caller("anonymous", frozenset({Role.generate}))
@@ -72,7 +72,7 @@ GenerateCaller = Annotated[Caller, Depends(require(Role.generate))]
 ReviewCaller = Annotated[Caller, Depends(require(Role.review))]
 
 
-def charge(services: Services, caller: Caller, cost: float = 0.0) -> Callable[[], None]:
+def charge(services: Services, caller: Caller, cost: float = 0.0) -> Release:
     """Count one request of ``cost`` compute units (row-steps × latent pixels) against the caller's quotas; the
     returned release ends the charge."""
     try:

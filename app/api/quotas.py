@@ -12,12 +12,17 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 
 @dataclass
 class _Bucket:
     tokens: float
     updated: float
+
+
+class Release(Protocol):
+    def __call__(self, refund: bool = False) -> None: ...
 
 
 class QuotaExceeded(Exception):
@@ -37,8 +42,9 @@ class Quotas:
 
     def acquire(
         self, key: str, requests_per_minute: float, max_concurrent: int, cost: float = 0.0, cost_per_minute: float = 0.0
-    ) -> Callable[[], None]:
-        """Charge one request of ``cost`` compute units to ``key``; returns the release to call when its job ends."""
+    ) -> Release:
+        """Charge one request of ``cost`` compute units to ``key``; returns the release to call when its job ends
+        (``refund=True`` when it was refused before any work: the rate token and the compute come back)."""
         with self._lock:
             if max_concurrent and self._running.get(key, 0) >= max_concurrent:
                 raise QuotaExceeded("concurrency", 1.0)
@@ -51,12 +57,17 @@ class Quotas:
             self._running[key] = self._running.get(key, 0) + 1
         released = False
 
-        def release() -> None:
+        def release(refund: bool = False) -> None:
             nonlocal released
             with self._lock:
-                if not released:
-                    released = True
-                    self._running[key] -= 1
+                if released:
+                    return
+                released = True
+                self._running[key] -= 1
+                if refund and requests_per_minute and key in self._buckets:
+                    self._buckets[key].tokens += 1.0
+                if refund and cost_per_minute and cost and key in self._costs:
+                    self._costs[key].tokens += cost
 
         return release
 

@@ -73,7 +73,7 @@ async def generate(
     try:
         job = submit(engine, req)
     except APIError:
-        end_charge()
+        end_charge(refund=True)  # refused before any work (queue full): a retry must not find the quota spent
         raise
     job.owner = caller.name
     job.future.add_done_callback(lambda _: end_charge())

@@ -31,11 +31,12 @@ class VerifyBusy(Exception):
 
 
 class VerifyPool:
-    """``workers`` threads, and at most ``2 × workers`` more calls waiting for one; past that, VerifyBusy."""
+    """``workers`` threads, and at most ``2 × workers`` more calls waiting for one; past that, VerifyBusy. A call
+    reserves its place before its upload is read, so that a flood of uploads is refused unread."""
 
     def __init__(self, workers: int) -> None:
         self._executor = ThreadPoolExecutor(workers, thread_name_prefix="verify")
-        self._limit = 3 * workers  # running + waiting
+        self._limit = 3 * workers  # running + waiting + being uploaded
         self._in_flight = 0
         self._lock = threading.Lock()  # the done callback runs on a worker thread
 
@@ -43,16 +44,23 @@ class VerifyPool:
     def in_flight(self) -> int:
         return self._in_flight
 
-    def submit(self, fn: Callable[[], T]) -> Future[T]:
+    def reserve(self) -> None:
         with self._lock:
             if self._in_flight >= self._limit:
                 raise VerifyBusy
             self._in_flight += 1
+
+    def unreserve(self) -> None:
+        """Give back a reservation that was never run (the upload was refused)."""
+        self._done(None)
+
+    def run(self, fn: Callable[[], T]) -> Future[T]:
+        """Run a reserved call; its place is counted until its thread is done, even if the client left."""
         future = self._executor.submit(fn)
-        future.add_done_callback(self._done)  # counts a call until its thread is done, even if the client left
+        future.add_done_callback(self._done)
         return future
 
-    def _done(self, _: Future[Any]) -> None:
+    def _done(self, _: Future[Any] | None) -> None:
         with self._lock:
             self._in_flight -= 1
 
@@ -97,19 +105,25 @@ def _refusal(exc: VerifyError) -> APIError:
 async def verify_image(request: Request, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     settings = services.settings
     release = charge(services, caller)  # before the upload is read: an over-quota caller costs nothing
+    pool = verify_pool(request.app, settings.verify_workers)
+    try:
+        pool.reserve()
+    except VerifyBusy as exc:
+        release(refund=True)
+        busy = "too many images are being verified; retry shortly"
+        raise APIError(429, "verify_busy", busy, headers={"Retry-After": "1"}) from exc
+    running = False
     try:
         data = await read_body(request, settings.max_upload_bytes)
         if not data:
             raise APIError(400, "empty_body", "send the image bytes as the request body")
-        job = functools.partial(verify, data, max_pixels=settings.max_upload_pixels)
-        try:
-            future = verify_pool(request.app, settings.verify_workers).submit(job)
-        except VerifyBusy as exc:
-            busy = "too many images are being verified; retry shortly"
-            raise APIError(429, "verify_busy", busy, headers={"Retry-After": "1"}) from exc
+        future = pool.run(functools.partial(verify, data, max_pixels=settings.max_upload_pixels))
+        running = True
         try:
             return await asyncio.wrap_future(future)
         except VerifyError as exc:
             raise _refusal(exc) from exc
     finally:
+        if not running:
+            pool.unreserve()
         release()

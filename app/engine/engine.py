@@ -299,6 +299,8 @@ class ModelEngine:
     def _run(self, batch: StepBatch) -> tuple[StepBatch, StepResult] | None:
         """Run one step. If it fails with several jobs in it, run each job's rows alone once: only the job
         that breaks the forward fails. Returns the rows that stepped (None: none did)."""
+        # A failure after some rows drew their noise must not change the images of the rows retried.
+        noise_states = {id(r): r.generator.get_state() for r in batch.rows if r.plan.draws_noise[r.step]}
         try:
             return batch, self.runner.run(batch)
         except Exception as exc:
@@ -308,6 +310,9 @@ class ModelEngine:
                 self._fail(jobs[0], exc, "failed")
                 return None
             log.warning("a step of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
+        for row in batch.rows:
+            if id(row) in noise_states:
+                row.generator.set_state(noise_states[id(row)])
         stepped: list[RowState] = []
         seconds = 0.0
         for job in jobs:
@@ -394,13 +399,21 @@ class ModelEngine:
         try:
             images = list(self.finish(job.request, pixels))
         except Exception as exc:
-            log.exception("release failed for job %s", job.id, extra={"request_id": job.request.request_id})
-            self._fail(job, exc, "failed")
+            # The gate's errors may name their outcome (a store that is down: database_unavailable); a job
+            # poller then sees the same code as a synchronous caller.
+            outcome = str(getattr(exc, "code", "failed"))
+            extra = {"request_id": job.request.request_id}
+            if outcome == "failed":
+                log.exception("release failed for job %s", job.id, extra=extra)
+            else:
+                log.warning("release failed for job %s: %s", job.id, exc, extra=extra)
+            self._fail(job, exc, outcome)
             return
-        job.state, job.finished_at = "succeeded", time.monotonic()
+        job.finished_at = time.monotonic()
         self.observer.on_job(self._job_stats(job, "succeeded"))
         if not job.future.done():
             job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
+        job.state = "succeeded"  # after the result: a reader that sees "succeeded" never waits for it
 
     def _job_stats(self, job: Job, outcome: str) -> JobStats:
         queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at

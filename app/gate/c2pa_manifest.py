@@ -175,11 +175,23 @@ def read_manifest(data: bytes, media_type: str) -> ManifestReport:
         return ManifestReport("absent", (), ())
     except c2pa.C2paError as exc:
         return _unreadable(exc)
-    active = store.get("manifests", {}).get(store.get("active_manifest", ""), {})
+    # The manifest is the uploader's: every part of it may have any JSON shape.
+    manifests = _dict(store.get("manifests"))
+    active = _dict(manifests.get(str(store.get("active_manifest", ""))))
     actions: tuple[dict[str, Any], ...] = ()
-    for assertion in active.get("assertions", []):
-        if assertion.get("label", "").startswith("c2pa.actions"):
-            actions = tuple(assertion["data"].get("actions", []))
-    failures = tuple(f.get("code", "") for f in results.get("activeManifest", {}).get("failure", []))
-    info = active.get("claim_generator_info") or [{}]
-    return ManifestReport(state, actions, failures, info[0].get("name"), "thumbnail" in active)
+    for assertion in _list(active.get("assertions")):
+        if str(_dict(assertion).get("label", "")).startswith("c2pa.actions"):
+            actions = tuple(a for a in _list(_dict(_dict(assertion).get("data")).get("actions")) if isinstance(a, dict))
+    failed = _list(_dict(_dict(results).get("activeManifest")).get("failure"))
+    failures = tuple(str(_dict(f).get("code", "")) for f in failed)
+    info = _list(active.get("claim_generator_info")) or [{}]
+    name = _dict(info[0]).get("name")
+    return ManifestReport(str(state), actions, failures, None if name is None else str(name), "thumbnail" in active)
+
+
+def _dict(value: Any) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+def _list(value: Any) -> list[Any]:
+    return value if isinstance(value, list) else []

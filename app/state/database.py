@@ -31,7 +31,9 @@ PING_TIMEOUT_SECONDS = 1.0
 
 
 class StoreUnavailable(Exception):
-    """The database cannot be reached (down, restarting, or not answering in time); a later retry may work."""
+    """The database cannot be reached (down, restarting, locked, or not answering in time); a retry may work."""
+
+    code = "database_unavailable"  # what a caller or a job poller is told
 
 
 class Database:
@@ -204,6 +206,11 @@ def _run_postgres(conn: psycopg.Connection[Any], sql: str, args: tuple[Any, ...]
 
 
 def _run_sqlite(conn: sqlite3.Connection, sql: str, args: tuple[Any, ...]) -> Rows:
-    cursor = conn.execute(sql, args)
+    try:
+        cursor = conn.execute(sql, args)
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc) or "busy" in str(exc):  # another process holds the file past the busy timeout
+            raise StoreUnavailable(f"the database is busy: {exc}") from exc
+        raise
     rows = cursor.fetchall() if cursor.description else []
     return rows, cursor.rowcount

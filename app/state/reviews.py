@@ -248,7 +248,7 @@ class ReviewStore:
         """The labelled, signed bytes of an approved image. With ``owner_only`` only the key that asked for
         it may fetch them (others are told it does not exist). Every fetch is audited."""
         row = self._row(review_id)
-        if owner_only and row.get("requester") not in (None, fetcher):
+        if owner_only and row.get("requester") != fetcher:  # rows from before requesters were kept: admins only
             raise ReviewError("review_not_found", f"review {review_id!r} does not exist")
         if row["status"] != "approved":
             code = "review_pending" if row["status"] == "pending" else "review_rejected"

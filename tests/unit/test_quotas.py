@@ -80,3 +80,17 @@ def test_a_refused_compute_charge_takes_no_rate_token() -> None:
     assert exc.value.reason == "compute"
     clock.now += 60.0
     q.acquire("k", 6, 0, 10, 10)()
+
+
+def test_a_request_refused_before_any_work_is_refunded() -> None:
+    clock = Clock()
+    q = Quotas(clock)
+    q.acquire("k", 6, 1, 100, 100)(refund=True)  # e.g. the queue was full: nothing ran
+    release = q.acquire("k", 6, 1, 100, 100)  # the retry finds its rate token and compute still there
+    with pytest.raises(QuotaExceeded) as exc:
+        q.acquire("k", 6, 2, 1, 100)
+    assert exc.value.reason == "compute"
+    release()
+    release(refund=True)  # a release counts once: a second call refunds nothing
+    with pytest.raises(QuotaExceeded):
+        q.acquire("k", 6, 2, 100, 100)
