@@ -26,6 +26,7 @@ from app.main import create_app
 from app.pipeline.components import Decoder, Denoiser
 from app.pipeline.loading import LoadedModel, load_model
 from app.pipeline.prompts import PromptCache
+from app.samplers.dpmpp import DPMSolverPP2M
 from app.settings import Settings
 from tests.helpers import wait_ready
 from tests.tiny_models import SD15_SCHEDULER, build_tiny_model
@@ -190,3 +191,22 @@ def test_the_release_backlog_is_bounded_in_bytes(model: LoadedModel) -> None:
 
     assert run(backlog=1) == 1  # one 16x16 image is 768 bytes: each job waits for the one before
     assert run(backlog=1 << 20) == 2  # room for all: the release pool's two threads overlap
+
+
+class PoisonedDPM(DPMSolverPP2M):
+    """A sampler whose step always fails: its rows' group steps after the others in a mixed forward."""
+
+    def step(self, x, model_output, c, previous, noise):  # type: ignore[no-untyped-def]
+        raise RuntimeError("poisoned sampler")
+
+
+def test_a_retried_step_draws_the_same_noise(model: LoadedModel) -> None:
+    """euler_a draws noise each step; when a later sampler group of the same forward fails, the retried rows
+    must draw that noise again from where they were, or their image would not be the one their seed makes."""
+    ancestral = dataclasses.replace(request(3.0, seed=5), sampler="euler_a")
+    (alone,) = run_together(model, [ancestral])
+    poisoned = dataclasses.replace(model, samplers={**model.samplers, "dpmpp_2m": PoisonedDPM(model.schedule)})
+    together = run_together(poisoned, [ancestral, dataclasses.replace(request(3.0, seed=6), sampler="dpmpp_2m")])
+    assert isinstance(together[1], RuntimeError) and "poisoned sampler" in str(together[1])
+    for a, b in zip(pixels(alone), pixels(together[0]), strict=True):
+        assert np.abs(a - b).max() <= 1
