@@ -6,6 +6,7 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import replace
 from typing import Annotated
 
@@ -65,7 +66,9 @@ async def generate(
     prefer: Annotated[str | None, Header()] = None,
 ) -> ImagesResponse | JSONResponse:
     engine = ready_engine(services)
-    req = screen(services, body, resolve(body, services.models, services.settings, request_id()), caller)
+    resolved = resolve(body, services.models, services.settings, request_id())
+    # Tokenizing and normalising a long prompt takes milliseconds: off the event loop, like all real work.
+    req = await asyncio.to_thread(screen, services, body, resolved, caller)
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})

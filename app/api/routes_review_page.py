@@ -109,16 +109,11 @@ async def signed_in(request: Request, services: Services) -> Session | None:
     return found if caller is not None and caller.may(Role.review) else None
 
 
-async def read_form(request: Request, services: Services) -> dict[str, list[str]]:
-    """The posted form; a body that is not UTF-8 form data is the client's error (400), not ours."""
-    limit = services.settings.max_json_body_bytes
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise APIError(413, "payload_too_large", f"form bodies up to {limit} bytes")
+async def read_form(request: Request) -> dict[str, list[str]]:
+    """The posted form (bounded by IMAGEGEN_MAX_JSON_BODY_BYTES before it is read); a body that is not UTF-8
+    form data is the client's error (400), not ours."""
     try:
-        text = bytes(body).decode("utf-8")
+        text = (await request.body()).decode("utf-8")
         return parse_qs(text, strict_parsing=False, max_num_fields=MAX_FORM_FIELDS, errors="strict")
     except ValueError as exc:  # UnicodeDecodeError is one; so are too many fields
         raise APIError(400, "invalid_value", f"the body is not a UTF-8 form: {exc}") from exc
@@ -180,7 +175,7 @@ async def review_page(request: Request, services: ServicesDep) -> Response:
 @router.post("/review/login")
 async def login(request: Request, services: ServicesDep) -> Response:
     require_same_origin(request)
-    form = await read_form(request, services)
+    form = await read_form(request)
     if not tokens_match(field(form, "csrf"), request.cookies.get(LOGIN_CSRF_COOKIE, "")):
         raise csrf_failed()
     caller = caller_for_key(services, field(form, "key")) if services.keys is not None else None
@@ -199,7 +194,7 @@ async def login(request: Request, services: ServicesDep) -> Response:
 @router.post("/review/logout")
 async def logout(request: Request, services: ServicesDep) -> Response:
     require_same_origin(request)
-    form = await read_form(request, services)
+    form = await read_form(request)
     token, store = request.cookies.get(REVIEWER_COOKIE, ""), sessions(request, services)
     found = await asyncio.to_thread(store.lookup, token) if token else None
     if found is not None:  # without a live session there is nothing to end, nor to protect
@@ -217,7 +212,7 @@ async def decide(review_id: str, decision: str, request: Request, services: Serv
     session = await signed_in(request, services)
     if session is None:
         raise APIError(401, "invalid_reviewer_key", "sign in at /review first")
-    form = await read_form(request, services)
+    form = await read_form(request)
     if not tokens_match(field(form, "csrf"), session.csrf):
         raise csrf_failed()
     who, note = session.reviewer, field(form, "note")

@@ -73,25 +73,6 @@ def verify_pool(app: FastAPI, workers: int) -> VerifyPool:
     return pool
 
 
-def _too_large(limit: int) -> APIError:
-    return APIError(413, "payload_too_large", f"images up to {limit} bytes", headers=_NO_RETRY)
-
-
-async def read_body(request: Request, limit: int) -> bytes:
-    """The body, refused as soon as it passes ``limit`` bytes (by its Content-Length, or while it streams)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise _too_large(limit)
-    chunks: list[bytes] = []
-    size = 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-    return b"".join(chunks)
-
-
 def _refusal(exc: VerifyError) -> APIError:
     if isinstance(exc, NotAnImage):
         return APIError(415, "unsupported_media_type", "send a PNG, JPEG or WebP image", headers=_NO_RETRY)
@@ -114,7 +95,7 @@ async def verify_image(request: Request, services: ServicesDep, caller: CallerDe
         raise APIError(429, "verify_busy", busy, headers={"Retry-After": "1"}) from exc
     running = False
     try:
-        data = await read_body(request, settings.max_upload_bytes)
+        data = await request.body()  # bounded by IMAGEGEN_MAX_UPLOAD_BYTES before it is read (app/api/limits.py)
         if not data:
             raise APIError(400, "empty_body", "send the image bytes as the request body")
         future = pool.run(functools.partial(verify, data, max_pixels=settings.max_upload_pixels))
