@@ -4,15 +4,17 @@ sign in, see the held images, approve one and reject the other, sign out."""
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 from selenium import webdriver
+from selenium.common.exceptions import WebDriverException
 from selenium.webdriver.chrome.options import Options
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
+from selenium.webdriver.remote.webelement import WebElement
 from selenium.webdriver.support import expected_conditions as ec
 from selenium.webdriver.support.ui import WebDriverWait
 
@@ -35,6 +37,20 @@ def server(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
     }
     with running_server(env, tmp_path_factory.mktemp("server") / "server.log") as base:
         yield base
+
+
+def gone(element: WebElement) -> Callable[[webdriver.Chrome], bool]:
+    """The element's document was replaced (the form posted). Mid-navigation chromedriver may report the node
+    as not in the document instead of stale: that is gone too."""
+
+    def check(_: webdriver.Chrome) -> bool:
+        try:
+            element.is_enabled()
+        except WebDriverException:  # StaleElementReferenceException, or the inspector's "does not belong"
+            return True
+        return False
+
+    return check
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +86,10 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     for img in browser.find_elements(By.CSS_SELECTOR, ".item img"):  # the held pixels load for the reviewer
         WebDriverWait(browser, 20).until(lambda d, img=img: d.execute_script(loaded, img) == 16)
 
-    wait = WebDriverWait(browser, 20)
+    wait = WebDriverWait(browser, 20, ignored_exceptions=(WebDriverException,))  # transient mid-navigation
     approve = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[0]} button[value=approve]")
     approve.click()
-    wait.until(ec.staleness_of(approve))  # the form posted and the list reloaded
+    wait.until(gone(approve))  # the form posted and the list reloaded
 
     def reloaded(d: webdriver.Chrome) -> bool:  # the new list, whole: not a document still being parsed
         complete = d.execute_script("return document.readyState") == "complete"
@@ -87,7 +103,7 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} input[name=note]").send_keys("real SKU shown")
     reject = browser.find_element(By.CSS_SELECTOR, f"#review-{ids[1]} button[value=reject]")
     reject.click()
-    wait.until(ec.staleness_of(reject))
+    wait.until(gone(reject))
     assert wait.until(ec.presence_of_element_located((By.ID, "empty"))).text == "Nothing is waiting for review."
 
     approved = httpx.get(f"{server}/v1/reviews/{ids[0]}/result", headers=SHOP)
@@ -98,7 +114,7 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
 
     sign_out = browser.find_element(By.ID, "sign-out")
     sign_out.click()
-    wait.until(ec.staleness_of(sign_out))
+    wait.until(gone(sign_out))
     assert wait.until(ec.presence_of_element_located((By.NAME, "key")))  # back at the sign-in form
     assert browser.get_cookie("imagegen_session") is None
     replayed = httpx.get(f"{server}/v1/reviews", cookies={"imagegen_session": session["value"]})
