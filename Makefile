@@ -20,20 +20,20 @@ $(STAMP): pyproject.toml constraints.txt
 	touch $(STAMP)
 
 serve: $(STAMP)
-	$(PY) -m app serve
+	$(PY) -m imagegen serve
 
 test: $(STAMP)
 	tests/system_packages.sh
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check app tests models bench
-	$(PY) -m ruff format --check app tests models bench
+	$(PY) -m ruff check imagegen tests models bench
+	$(PY) -m ruff format --check imagegen tests models bench
 	$(PY) -m mypy
 
 format: $(STAMP)
-	$(PY) -m ruff format app tests models bench
-	$(PY) -m ruff check --fix app tests models bench
+	$(PY) -m ruff format imagegen tests models bench
+	$(PY) -m ruff check --fix imagegen tests models bench
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -40,9 +40,9 @@ def pct(values: list[float], q: float) -> float:
 # ---- (a) bare loop ---------------------------------------------------------------------------
 def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: float) -> float:
     """UNet row evaluations per second with the runner's batch full of DDIM-25 + CFG rows."""
-    from app.engine.request import GenerationRequest, OutputSpec
-    from app.engine.runner import Runner, prompt_states
-    from app.pipeline.loading import load_model, resolve_device, resolve_dtype
+    from imagegen.engine.request import GenerationRequest, OutputSpec
+    from imagegen.engine.runner import Runner, prompt_states
+    from imagegen.pipeline.loading import load_model, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
@@ -70,7 +70,7 @@ def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: 
 def diffusers_latency(model_dir: Path, device: str, dtype: str, runs: int) -> float:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from app.pipeline.loading import load_model, resolve_device, resolve_dtype
+    from imagegen.pipeline.loading import load_model, resolve_device, resolve_dtype
 
     dev = resolve_device(device)
     m = load_model(model_dir, dev, resolve_dtype(dtype, dev))
@@ -111,7 +111,7 @@ class Service:
                "IMAGEGEN_DEVICE": device, "IMAGEGEN_DTYPE": dtype, "IMAGEGEN_MAX_ROWS_PER_FORWARD": str(max_rows),
                "IMAGEGEN_MAX_QUEUED_IMAGES": "256", "IMAGEGEN_TORCH_THREADS": str(threads),
                "IMAGEGEN_LOG_LEVEL": "warning"}  # fmt: skip
-        self.proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env)
+        self.proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve"], cwd=ROOT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
         for _ in range(1200):
             try:

@@ -19,8 +19,8 @@ import httpx
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from app.api.keys import hash_key
-from app.gate.labels import DIGITAL_SOURCE_TYPE, PARAMETERS_KEY
+from imagegen.api.keys import hash_key
+from imagegen.gate.labels import DIGITAL_SOURCE_TYPE, PARAMETERS_KEY
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,7 +97,7 @@ def wait_until_ready(url: str, proc: subprocess.Popen[bytes], log: Path, timeout
 
 @contextmanager
 def server_process(env: dict[str, str], log: Path, timeout: float = 120.0) -> Iterator[ServerProcess]:
-    """`python -m app serve` as a real process on a free port, once /readyz is 200 (on the metrics port if set)."""
+    """`python -m imagegen serve` as a real process on a free port, once /readyz is 200 (on the metrics port if set)."""
     port = free_port()
     env = {
         "IMAGEGEN_DRAIN_SECONDS": "10",
@@ -107,7 +107,7 @@ def server_process(env: dict[str, str], log: Path, timeout: float = 120.0) -> It
         "IMAGEGEN_PORT": str(port),
     }
     with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
+        proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve"], cwd=REPO, env=env, stdout=out, stderr=out)
     base = f"http://127.0.0.1:{port}"
     try:
         probe_port = env.get("IMAGEGEN_METRICS_PORT", str(port))

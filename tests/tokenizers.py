@@ -17,7 +17,7 @@ from pathlib import Path
 
 from transformers import AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerBase
 
-from app.pipeline.components import TextEncoder
+from imagegen.pipeline.components import TextEncoder
 from tests.tiny_models import build_tiny_model
 
 CLIP_MAX_TOKENS = 77

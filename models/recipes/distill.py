@@ -15,7 +15,7 @@ import numpy as np
 import torch
 from diffusers import UNet2DConditionModel
 
-from app.samplers.guidance import apply_cfg
+from imagegen.samplers.guidance import apply_cfg
 from models.recipes.common import RUNS, Checkpoint, Progress, device, log, seed_everything
 from models.recipes.export import TEACHER_RESCALE
 from models.recipes.unet import UNET_CONFIG, conditioning, ema_update, noise_scheduler

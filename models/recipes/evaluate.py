@@ -1,6 +1,6 @@
 """Stage 7: prompt adherence and Fréchet distance of the shipped models, sampled through the service.
 
-The evaluation starts ``python -m app serve`` on the exported model folders and POSTs every prompt
+The evaluation starts ``python -m imagegen serve`` on the exported model folders and POSTs every prompt
 to /v1/images/generations, so it measures exactly what a user gets (same seed ⇒ same image). It also
 renders the contact sheet of the README from real API outputs.
 """
@@ -69,7 +69,7 @@ def service(models_dir: Path) -> Iterator[str]:
     port = _free_port()
     env = {**os.environ, "IMAGEGEN_PORT": str(port), "IMAGEGEN_MODELS_DIR": str(models_dir),
            "IMAGEGEN_LOG_LEVEL": "warning", "IMAGEGEN_DEFAULT_MODEL": TEACHER}  # fmt: skip
-    proc = subprocess.Popen([sys.executable, "-m", "app", "serve"], cwd=ROOT, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve"], cwd=ROOT, env=env)
     base = f"http://127.0.0.1:{port}"
     try:
         for _ in range(600):

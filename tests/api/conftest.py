@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import wait_ready, write_key_file
 
 REVIEWER_KEY = "reviewer-secret"

@@ -13,9 +13,9 @@ import pytest
 from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
-from app.api.keys import KeyFileError, KeyRing, Role
-from app.main import create_app
-from app.settings import Settings
+from imagegen.api.keys import KeyFileError, KeyRing, Role
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import REPO, wait_ready, write_key_file
 
 KEYS = {
@@ -142,7 +142,7 @@ def test_rate_limit(tiny_models_dir: Path, tmp_path: Path) -> None:
 
 def test_new_key_command_writes_an_entry_the_key_ring_accepts(tmp_path: Path) -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "app", "new-key", "--name", "shop", "--role", "generate", "--role", "review"],
+        [sys.executable, "-m", "imagegen", "new-key", "--name", "shop", "--role", "generate", "--role", "review"],
         cwd=REPO, capture_output=True, text=True, check=True,
     )  # fmt: skip
     key = out.stderr.strip().rsplit(" ", 1)[-1]

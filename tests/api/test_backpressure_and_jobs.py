@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import decode_image, wait_ready
 
 ASYNC = {"Prefer": "respond-async"}

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from models.recipes.data import BG_BASE, COLOURS
 from tests.helpers import assert_labeled_synthetic, decode_image, wait_ready
 

@@ -12,13 +12,13 @@ import pytest
 import torch
 from PIL import Image
 
-from app.engine.engine import EngineConfig, ModelEngine
-from app.engine.request import GenerationRequest, GenerationResult, OutputSpec
-from app.engine.scheduler import SchedulerConfig, StepBatch, StepResult
-from app.gate.gate import Gate, Screening
-from app.gate.policy import Policy, Use
-from app.pipeline.loading import LoadedModel, load_model
-from app.pipeline.prompts import PromptCache
+from imagegen.engine.engine import EngineConfig, ModelEngine
+from imagegen.engine.request import GenerationRequest, GenerationResult, OutputSpec
+from imagegen.engine.scheduler import SchedulerConfig, StepBatch, StepResult
+from imagegen.gate.gate import Gate, Screening
+from imagegen.gate.policy import Policy, Use
+from imagegen.pipeline.loading import LoadedModel, load_model
+from imagegen.pipeline.prompts import PromptCache
 
 
 def request(sampler: str, steps: int, guidance: float, seed: int, n: int = 1, negative: str = "") -> GenerationRequest:

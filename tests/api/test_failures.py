@@ -17,17 +17,17 @@ from fastapi.testclient import TestClient
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from app.engine.engine import EngineConfig, ModelEngine
-from app.engine.request import GenerationRequest, GenerationResult, OutputSpec
-from app.engine.scheduler import SchedulerConfig
-from app.gate.gate import Gate, Screening
-from app.gate.policy import Policy, Use
-from app.main import create_app
-from app.pipeline.components import Decoder, Denoiser
-from app.pipeline.loading import LoadedModel, load_model
-from app.pipeline.prompts import PromptCache
-from app.samplers.dpmpp import DPMSolverPP2M
-from app.settings import Settings
+from imagegen.engine.engine import EngineConfig, ModelEngine
+from imagegen.engine.request import GenerationRequest, GenerationResult, OutputSpec
+from imagegen.engine.scheduler import SchedulerConfig
+from imagegen.gate.gate import Gate, Screening
+from imagegen.gate.policy import Policy, Use
+from imagegen.main import create_app
+from imagegen.pipeline.components import Decoder, Denoiser
+from imagegen.pipeline.loading import LoadedModel, load_model
+from imagegen.pipeline.prompts import PromptCache
+from imagegen.samplers.dpmpp import DPMSolverPP2M
+from imagegen.settings import Settings
 from tests.helpers import wait_ready
 from tests.tiny_models import SD15_SCHEDULER, build_tiny_model
 

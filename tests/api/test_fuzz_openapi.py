@@ -14,8 +14,8 @@ from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.python import asgi
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 
 
 @pytest.fixture(scope="module")

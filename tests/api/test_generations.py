@@ -122,8 +122,8 @@ def test_probes_and_metrics(client: TestClient) -> None:
 
 @pytest.mark.parametrize(("fmt", "media_type"), [("png", "image/png"), ("jpeg", "image/jpeg")])
 def test_every_image_carries_a_valid_c2pa_manifest(client: TestClient, fmt: str, media_type: str) -> None:
-    from app.gate.c2pa_manifest import read_manifest
-    from app.gate.labels import DIGITAL_SOURCE_TYPE
+    from imagegen.gate.c2pa_manifest import read_manifest
+    from imagegen.gate.labels import DIGITAL_SOURCE_TYPE
 
     item = generate(client, output_format=fmt, seed=3)["data"][0]
     report = read_manifest(base64.b64decode(item["b64_json"]), media_type)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.gate import GenerationRecord, ReleaseDecision, ReleasedImage
-from app.main import create_app
-from app.settings import Settings
+from imagegen.gate import GenerationRecord, ReleaseDecision, ReleasedImage
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import wait_ready
 from tests.tiny_models import SD15_SCHEDULER, build_tiny_model
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from app.engine.request import GenerationRequest, Job
+from imagegen.engine.request import GenerationRequest, Job
 
 
 @pytest.fixture

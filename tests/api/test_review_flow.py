@@ -7,7 +7,7 @@ import hashlib
 
 from fastapi.testclient import TestClient
 
-from app.gate.c2pa_manifest import read_manifest
+from imagegen.gate.c2pa_manifest import read_manifest
 from tests.api.conftest import REVIEWER_KEY
 from tests.helpers import assert_labeled_synthetic, decode_image
 

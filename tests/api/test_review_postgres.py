@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import wait_ready, write_key_file
 from tests.postgres import postgres_server
 

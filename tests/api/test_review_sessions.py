@@ -12,11 +12,11 @@ import pytest
 from fastapi import FastAPI
 from fastapi.testclient import TestClient
 
-from app.api.keys import KeyRing
-from app.main import create_app
-from app.settings import Settings
-from app.state.database import Database
-from app.state.sessions import SessionStore, digest
+from imagegen.api.keys import KeyRing
+from imagegen.main import create_app
+from imagegen.settings import Settings
+from imagegen.state.database import Database
+from imagegen.state.sessions import SessionStore, digest
 from tests.helpers import wait_ready, write_key_file
 from tests.postgres import postgres_server
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from fastapi.testclient import TestClient
 
-from app.main import create_app
-from app.settings import Settings
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import wait_ready
 from tests.tiny_models import SD15_SCHEDULER
 from tests.tokenizers import OBFUSCATIONS, build_clip_tiny_model, clip_tokenizer

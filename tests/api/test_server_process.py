@@ -1,4 +1,4 @@
-"""The real server process (`python -m app serve`) driven by the official openai client."""
+"""The real server process (`python -m imagegen serve`) driven by the official openai client."""
 
 from __future__ import annotations
 

@@ -20,11 +20,11 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from PIL import Image, ImageFile
 
-from app.api import routes_verify
-from app.gate.c2pa_manifest import READ_SETTINGS, SigningIdentity
-from app.gate.labels import DIGITAL_SOURCE_TYPE, MEDIA_TYPES
-from app.main import create_app
-from app.settings import Settings
+from imagegen.api import routes_verify
+from imagegen.gate.c2pa_manifest import READ_SETTINGS, SigningIdentity
+from imagegen.gate.labels import DIGITAL_SOURCE_TYPE, MEDIA_TYPES
+from imagegen.main import create_app
+from imagegen.settings import Settings
 from tests.helpers import write_key_file
 
 PIL_NAMES = {"png": "PNG", "jpeg": "JPEG", "webp": "WEBP"}

@@ -1,4 +1,4 @@
-"""A hostile battery over every route, against a real `python -m app serve` process with API keys on.
+"""A hostile battery over every route, against a real `python -m imagegen serve` process with API keys on.
 
 Each family is a table of (name, request) → the statuses it may get. Whatever else happens: nothing is a 5xx,
 no screened phrase gets past the gate, no uniform (non-finite) image is released, a huge body costs the server

@@ -144,9 +144,9 @@ def test_a_real_prometheus_scrapes_generation_and_gate_series(
 
 
 def test_the_container_health_check_command(server: tuple[ServerProcess, str]) -> None:
-    """`python -m app probe` (the Dockerfile's HEALTHCHECK) asks the configured port's /healthz."""
+    """`python -m imagegen probe` (the Dockerfile's HEALTHCHECK) asks the configured port's /healthz."""
     port = server[1].rsplit(":", 1)[1]
     env = {**os.environ, "IMAGEGEN_METRICS_PORT": port}
-    assert subprocess.run([sys.executable, "-m", "app", "probe"], cwd=REPO, env=env).returncode == 0
+    assert subprocess.run([sys.executable, "-m", "imagegen", "probe"], cwd=REPO, env=env).returncode == 0
     env["IMAGEGEN_METRICS_PORT"] = str(free_port())  # nothing listens there
-    assert subprocess.run([sys.executable, "-m", "app", "probe"], cwd=REPO, env=env).returncode == 1
+    assert subprocess.run([sys.executable, "-m", "imagegen", "probe"], cwd=REPO, env=env).returncode == 1

@@ -16,9 +16,9 @@ from diffusers import (
     StableDiffusionPipeline,
 )
 
-from app.engine.request import GenerationRequest, OutputSpec
-from app.engine.runner import Runner
-from app.pipeline.loading import LoadedModel, load_model
+from imagegen.engine.request import GenerationRequest, OutputSpec
+from imagegen.engine.runner import Runner
+from imagegen.pipeline.loading import LoadedModel, load_model
 
 TOLERANCE = 1e-4
 SCHEDULERS = {

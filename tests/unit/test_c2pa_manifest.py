@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity, read_manifest
-from app.gate.labels import DIGITAL_SOURCE_TYPE
+from imagegen.gate.c2pa_manifest import ManifestSigner, SigningIdentity, read_manifest
+from imagegen.gate.labels import DIGITAL_SOURCE_TYPE
 
 
 @pytest.fixture(scope="module")

@@ -11,8 +11,8 @@ from typing import TypeVar
 import psycopg
 import pytest
 
-from app.state.database import Database, StoreUnavailable
-from app.state.reviews import ReviewStore
+from imagegen.state.database import Database, StoreUnavailable
+from imagegen.state.reviews import ReviewStore
 from tests.postgres import Cluster, postgres_cluster
 
 SCHEMA = "CREATE TABLE IF NOT EXISTS notes (seq SERIAL_KEY, body TEXT NOT NULL)"

@@ -16,10 +16,10 @@ from fastapi.testclient import TestClient
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from app.api.keys import KeyRing
-from app.main import create_app, create_ops_app
-from app.metrics import Metrics, Snapshot
-from app.settings import Settings
+from imagegen.api.keys import KeyRing
+from imagegen.main import create_app, create_ops_app
+from imagegen.metrics import Metrics, Snapshot
+from imagegen.settings import Settings
 
 REPO = Path(__file__).resolve().parents[2]
 K8S = REPO / "deploy/k8s"
@@ -113,7 +113,7 @@ def test_probes_hit_routes_of_the_ops_port(tmp_path: Path) -> None:
     for probe in probes.values():
         assert served(probe["path"]) and probe["port"] == "metrics"
     healthcheck = re.search(r"^HEALTHCHECK .* CMD (\[.*\])$", (REPO / "Dockerfile").read_text(), flags=re.M)
-    assert healthcheck and json.loads(healthcheck.group(1)) == ["python", "-m", "app", "probe"]
+    assert healthcheck and json.loads(healthcheck.group(1)) == ["python", "-m", "imagegen", "probe"]
     annotations = deployment()["spec"]["template"]["metadata"]["annotations"]
     assert served(annotations["prometheus.io/path"])
 

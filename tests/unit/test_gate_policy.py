@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from app.gate.policy import Policy, Use
+from imagegen.gate.policy import Policy, Use
 
 POLICY = Policy.load()
 

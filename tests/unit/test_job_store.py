@@ -5,8 +5,8 @@ from __future__ import annotations
 import time
 from types import SimpleNamespace
 
-from app.engine.jobs import JobStore
-from app.engine.request import GenerationRequest, GenerationResult, Job, OutputSpec
+from imagegen.engine.jobs import JobStore
+from imagegen.engine.request import GenerationRequest, GenerationResult, Job, OutputSpec
 
 REQ = GenerationRequest("m", "p", "", 1, 8, 8, 1, 1.0, 0, "ddim", 0.0, OutputSpec())
 

@@ -1,4 +1,4 @@
-"""gate.release() applies every label in order; verify() and `python -m app verify` read them back."""
+"""gate.release() applies every label in order; verify() and `python -m imagegen verify` read them back."""
 
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from app.gate import GenerationRecord, release
-from app.gate.c2pa_manifest import ManifestSigner, SigningIdentity
-from app.gate.labels import DIGITAL_SOURCE_TYPE
-from app.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, verify
+from imagegen.gate import GenerationRecord, release
+from imagegen.gate.c2pa_manifest import ManifestSigner, SigningIdentity
+from imagegen.gate.labels import DIGITAL_SOURCE_TYPE
+from imagegen.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, verify
 from models.recipes.data import sample
 
 RECORD = GenerationRecord("catalog-128", "a red mug", "", "ddim", 25, 3.0, 7, 0.0, 128, 128)
@@ -68,6 +68,8 @@ def test_verify_caps_pixels_and_refuses_broken_images() -> None:
 def test_cli_verify(signer: ManifestSigner, tmp_path: Path) -> None:
     path = tmp_path / "out.png"
     path.write_bytes(release(sample("val", 5, 3).image, RECORD, "png", None, signer).data)
-    out = subprocess.run([sys.executable, "-m", "app", "verify", str(path)], capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "imagegen", "verify", str(path)], capture_output=True, text=True, check=True
+    )
     report = json.loads(out.stdout)
     assert report["file"] == str(path) and report["c2pa"]["state"] == "Valid" and report["watermark"]["payload"]

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from app.samplers import SAMPLERS
-from app.samplers.schedules import NoiseSchedule
+from imagegen.samplers import SAMPLERS
+from imagegen.samplers.schedules import NoiseSchedule
 from tests.tiny_models import LCM_SCHEDULER, SD15_SCHEDULER, V_PRED_SCHEDULER
 
 LINSPACE = {**SD15_SCHEDULER, "timestep_spacing": "linspace", "steps_offset": 0}

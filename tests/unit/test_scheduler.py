@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from app.engine.request import GenerationRequest, Job, OutputSpec, RowState
-from app.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepResult
-from app.samplers import SamplerPlan
-from app.samplers.ddim import DDIM
-from app.samplers.schedules import NoiseSchedule
+from imagegen.engine.request import GenerationRequest, Job, OutputSpec, RowState
+from imagegen.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepResult
+from imagegen.samplers import SamplerPlan
+from imagegen.samplers.ddim import DDIM
+from imagegen.samplers.schedules import NoiseSchedule
 
 SAMPLER = DDIM(NoiseSchedule.from_config({}))
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from app.gate.policy import Outcome, Policy, Use, normalise, views
-from app.pipeline.components import TextEncoder
+from imagegen.gate.policy import Outcome, Policy, Use, normalise, views
+from imagegen.pipeline.components import TextEncoder
 from tests.tokenizers import OBFUSCATIONS, clip_tokenizer, minilm_tokenizer, reader
 
 POLICY = Policy.load()

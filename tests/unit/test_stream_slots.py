@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from app.api.deps import StreamSlots
+from imagegen.api.deps import StreamSlots
 
 
 def test_slots_are_bounded_per_job_and_in_total() -> None:

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from app.gate.watermark import can_mark, embed, extract
+from imagegen.gate.watermark import can_mark, embed, extract
 from models.recipes.data import sample
 
 IMAGES = [sample("val", 11, i).image for i in range(8)]

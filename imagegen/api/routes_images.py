@@ -1,0 +1,87 @@
+"""POST /v1/images/generations: OpenAI's Images API, answered with released images only.
+
+With ``Prefer: respond-async`` (RFC 7240) the request is queued as a job: 202 with its id and a
+Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import replace
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
+from fastapi.responses import JSONResponse
+
+from imagegen.api.access import GenerateCaller, charge
+from imagegen.api.deps import Services, ServicesDep
+from imagegen.api.errors import APIError
+from imagegen.api.keys import Caller
+from imagegen.api.responses import images_response, job_body
+from imagegen.api.schemas import ImageGenerationBody, ImagesResponse
+from imagegen.api.validation import resolve
+from imagegen.api.waiting import submit, wait_for
+from imagegen.engine.engine import Engine
+from imagegen.engine.request import GenerationRequest
+from imagegen.engine.runner import needs_uncond_row
+from imagegen.gate.policy import Use
+from imagegen.logs import request_id
+from imagegen.pipeline.loading import LoadedModel
+
+router = APIRouter()
+
+
+def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest, caller: Caller) -> GenerationRequest:
+    """The gate's policy on the declared use and on the prompt as the model's tokenizer reads it: blocked
+    requests never reach the engine, held ones are generated but kept for a reviewer."""
+    use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
+    readings = services.models[req.model].text_encoder.read_back(req.prompt)
+    screening = services.gate.screen(use, req.prompt, caller.name, [readings])
+    if screening.verdict == "block":
+        raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(screening.reasons))
+    return replace(req, screening=screening)
+
+
+def compute_cost(model: LoadedModel, req: GenerationRequest) -> float:
+    """Row-steps × latent pixels: what the request asks of the UNet (a CFG image is two rows)."""
+    rows = 2 if needs_uncond_row(model, req.guidance_scale) else 1
+    factor = model.decoder.scale_factor
+    return float(req.n * req.steps * rows * (req.width // factor) * (req.height // factor))
+
+
+def ready_engine(services: Services) -> Engine:
+    if services.draining:
+        raise APIError(503, "draining", "this replica is shutting down; retry", headers={"Retry-After": "1"})
+    if services.engine is None or not services.engine.ready:
+        raise APIError(503, "not_ready", "the service is starting; retry shortly", headers={"Retry-After": "5"})
+    return services.engine
+
+
+@router.post("/v1/images/generations", response_model=ImagesResponse, responses={202: {"description": "job queued"}})
+async def generate(
+    body: ImageGenerationBody,
+    services: ServicesDep,
+    caller: GenerateCaller,
+    request: Request,
+    prefer: Annotated[str | None, Header()] = None,
+) -> ImagesResponse | JSONResponse:
+    engine = ready_engine(services)
+    resolved = resolve(body, services.models, services.settings, request_id())
+    # Tokenizing and normalising a long prompt takes milliseconds: off the event loop, like all real work.
+    req = await asyncio.to_thread(screen, services, body, resolved, caller)
+    respond_async = prefer is not None and "respond-async" in prefer.lower()
+    if respond_async and not services.jobs.has_room():
+        raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
+    end_charge = charge(services, caller, compute_cost(services.models[req.model], req))
+    try:
+        job = submit(engine, req)
+    except APIError:
+        end_charge(refund=True)  # refused before any work (queue full): a retry must not find the quota spent
+        raise
+    job.owner = caller.name
+    job.future.add_done_callback(lambda _: end_charge())
+    if respond_async:
+        services.jobs.add(job)
+        headers = {"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"}
+        return JSONResponse(await job_body(job, engine), status_code=202, headers=headers)
+    return await images_response(req, await wait_for(job, engine, request))

@@ -1,0 +1,151 @@
+"""Request and response bodies. Types are checked here; bounds that come from settings in validation.py."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field
+
+from imagegen.gate import GenerationRecord, ReleasedImage
+from imagegen.gate.release import HeldForReview
+
+# Lone surrogates, C0/C1 controls but tab and newlines, and Unicode non-characters: no valid text holds them,
+# and a surrogate cannot even be encoded as UTF-8 (for the tokenizer, the database, a JSON response).
+_INVALID_TEXT = re.compile(
+    "[\ud800-\udfff\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufdd0-\ufdef"
+    + "".join(f"{chr(plane * 0x10000 + 0xFFFE)}{chr(plane * 0x10000 + 0xFFFF)}" for plane in range(17))
+    + "]"
+)
+
+
+def valid_text(value: str) -> str:
+    if (bad := _INVALID_TEXT.search(value)) is not None:
+        raise ValueError(f"contains U+{ord(bad.group()):04X}, which is not valid text")
+    return value
+
+
+Text = Annotated[str, AfterValidator(valid_text)]
+
+
+class ImageGenerationBody(BaseModel):
+    """OpenAI's Images API generate body, plus the diffusion fields."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: Text
+    model: Text | None = Field(None, max_length=256)
+    n: int = Field(1, strict=True)  # strict: "1", true and 2.0 are not counts
+    size: Text | None = Field(None, description='"WxH" (or "auto" for the model default)')
+    response_format: Text | None = Field(None, description="only b64_json")
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
+    user: Text | None = Field(None, max_length=256)
+    # Accepted for OpenAI compatibility; they do not change diffusion sampling.
+    quality: Text | None = Field(None, max_length=256)
+    style: Text | None = Field(None, max_length=256)
+    background: Text | None = Field(None, max_length=256)
+    moderation: Text | None = Field(None, max_length=256)
+    # Diffusion fields.
+    negative_prompt: Text | None = None
+    num_inference_steps: int | None = Field(None, strict=True)
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = Field(None, ge=0.0, le=1.0, description="φ of Lin et al. 2023 (0 = off)")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, strict=True)
+    sampler: Text | None = Field(None, max_length=64)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    # What the image is for: the release gate's policy decides on it (imagegen/gate/default_policy.toml).
+    asset_type: Text = Field("campaign_background", max_length=64)
+    claims_real_sku: bool = Field(False, strict=True)  # strict: "no" is not False
+    contains_logo: bool = Field(False, strict=True)
+
+
+class GenerationRecordOut(BaseModel):
+    model: str
+    sampler: str
+    steps: int
+    guidance_scale: float
+    guidance_rescale: float
+    seed: int
+    eta: float
+    width: int
+    height: int
+    negative_prompt: str
+
+
+class ReleaseOut(BaseModel):
+    outcome: str
+    labels: list[str]
+    reasons: list[str]
+    sha256: str | None
+    watermark_payload: str | None
+
+
+class ImageOut(BaseModel):
+    b64_json: str | None  # None while the image is held for review
+    revised_prompt: str
+    status: Literal["released", "pending_review"] = "released"
+    review_id: str | None = None
+    generation: GenerationRecordOut
+    release: ReleaseOut
+
+    @classmethod
+    def from_held(cls, held: HeldForReview) -> ImageOut:
+        return cls(
+            b64_json=None,
+            revised_prompt=held.record.prompt,
+            status="pending_review",
+            review_id=held.review_id,
+            generation=GenerationRecordOut(**{k: v for k, v in held.record.as_dict().items() if k != "prompt"}),
+            release=ReleaseOut(
+                outcome="human_review", labels=[], reasons=list(held.reasons), sha256=None, watermark_payload=None
+            ),
+        )
+
+    @classmethod
+    def from_held_approved(cls, record: GenerationRecord, review_id: str, b64: str, sha256: str | None) -> ImageOut:
+        return cls(
+            b64_json=b64,
+            revised_prompt=record.prompt,
+            review_id=review_id,
+            generation=GenerationRecordOut(**{k: v for k, v in record.as_dict().items() if k != "prompt"}),
+            release=ReleaseOut(
+                outcome="approved_after_review", labels=[], reasons=[], sha256=sha256, watermark_payload=None
+            ),
+        )
+
+    @classmethod
+    def from_released(cls, image: ReleasedImage, b64: str) -> ImageOut:
+        r = image.record
+        return cls(
+            b64_json=b64,
+            revised_prompt=r.prompt,
+            generation=GenerationRecordOut(**{k: v for k, v in r.as_dict().items() if k != "prompt"}),
+            release=ReleaseOut(
+                outcome=image.decision.outcome,
+                labels=list(image.decision.labels),
+                reasons=list(image.decision.reasons),
+                sha256=image.sha256,
+                watermark_payload=image.decision.watermark,
+            ),
+        )
+
+
+class ImagesResponse(BaseModel):
+    created: int
+    data: list[ImageOut]
+    output_format: str
+    size: str
+
+
+class ModelOut(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "imagegen"
+    defaults: dict[str, Any]
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelOut]

@@ -1,0 +1,104 @@
+"""Resolve a request body against the settings and the chosen model: defaults filled, bounds checked.
+
+Every failure is an ``APIError`` naming the offending field, raised before any work is queued.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+
+from imagegen.api.errors import APIError
+from imagegen.api.schemas import ImageGenerationBody
+from imagegen.engine.request import GenerationRequest, OutputSpec
+from imagegen.pipeline.loading import LoadedModel
+from imagegen.settings import Settings
+
+SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, the whole string (no trailing newline)
+
+
+def bad(code: str, message: str, param: str) -> APIError:
+    return APIError(400, code, message, param)
+
+
+def pick_model(name: str | None, models: dict[str, LoadedModel], settings: Settings) -> LoadedModel:
+    if name is None:
+        name = settings.default_model if settings.default_model in models else next(iter(models), None)
+        if name is None:
+            raise APIError(503, "no_models", "no model is loaded")
+    if name not in models:
+        raise APIError(404, "model_not_found", f"model {name!r} does not exist; see GET /v1/models", "model")
+    return models[name]
+
+
+def parse_size(size: str | None, model: LoadedModel, settings: Settings) -> tuple[int, int]:
+    if size is None or size == "auto":
+        return model.defaults.width, model.defaults.height
+    m = SIZE.fullmatch(size)
+    if not m:
+        raise bad("invalid_size", f'size must look like "512x512", got {size!r}', "size")
+    width, height = int(m.group(1)), int(m.group(2))
+    k = model.size_multiple
+    if width < k or height < k or width % k or height % k:
+        raise bad("size_not_supported", f"width and height must be positive multiples of {k} for this model", "size")
+    if width * height > settings.max_pixels:
+        raise bad("size_not_supported", f"{width}x{height} exceeds the limit of {settings.max_pixels} pixels", "size")
+    native = model.defaults.width * model.defaults.height
+    if width * height > settings.max_area_factor * native:  # far past its training size a model makes noise
+        raise bad(
+            "size_not_supported",
+            f"{width}x{height} is over {settings.max_area_factor:g}× the area of this model's native "
+            f"{model.defaults.width}x{model.defaults.height}",
+            "size",
+        )
+    return width, height
+
+
+def resolve(
+    body: ImageGenerationBody, models: dict[str, LoadedModel], settings: Settings, request_id: str = ""
+) -> GenerationRequest:
+    model = pick_model(body.model, models, settings)
+    d = model.defaults
+    if not body.prompt.strip():
+        raise bad("invalid_prompt", "prompt must not be empty", "prompt")
+    for field, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt or "")):
+        if len(text) > settings.max_prompt_chars:
+            raise bad("prompt_too_long", f"{field} is longer than {settings.max_prompt_chars} characters", field)
+    if body.response_format not in (None, "b64_json"):
+        raise bad("unsupported_response_format", "only response_format=b64_json is supported", "response_format")
+    if not 1 <= body.n <= settings.max_images:
+        raise bad("invalid_n", f"n must be between 1 and {settings.max_images}", "n")
+    width, height = parse_size(body.size, model, settings)
+    sampler = body.sampler or d.sampler
+    if sampler not in model.samplers:
+        raise bad("unknown_sampler", f"sampler must be one of {sorted(model.samplers)}", "sampler")
+    steps = body.num_inference_steps if body.num_inference_steps is not None else d.steps
+    limit = min(settings.max_steps, model.samplers[sampler].max_steps())
+    if not 1 <= steps <= limit:
+        raise bad(
+            "invalid_steps", f"num_inference_steps must be between 1 and {limit} for {sampler}", "num_inference_steps"
+        )
+    guidance = body.guidance_scale if body.guidance_scale is not None else d.guidance_scale
+    if not 0 <= guidance <= settings.max_guidance_scale:
+        raise bad(
+            "invalid_guidance_scale",
+            f"guidance_scale must be between 0 and {settings.max_guidance_scale}",
+            "guidance_scale",
+        )
+    return GenerationRequest(
+        model=model.name,
+        prompt=body.prompt,
+        negative_prompt=body.negative_prompt or "",
+        n=body.n,
+        width=width,
+        height=height,
+        steps=steps,
+        guidance_scale=float(guidance),
+        guidance_rescale=float(body.guidance_rescale if body.guidance_rescale is not None else d.guidance_rescale),
+        seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
+        sampler=sampler,
+        eta=float(body.eta or 0.0),
+        output=OutputSpec(format=body.output_format, compression=body.output_compression),
+        request_id=request_id,
+        user=body.user,
+    )

@@ -1,0 +1,58 @@
+"""Awaiting a job from an HTTP handler: stop its compute if the client goes away, map its failures."""
+
+from __future__ import annotations
+
+import asyncio
+
+from fastapi import Request
+
+from imagegen.api.errors import APIError
+from imagegen.engine.engine import Engine, NonFiniteOutput
+from imagegen.engine.request import DeadlineExceeded, GenerationRequest, GenerationResult, Job, JobCancelled
+from imagegen.engine.scheduler import QueueFull
+from imagegen.state.database import StoreUnavailable
+
+DISCONNECT_POLL_SECONDS = 0.25
+
+
+def submit(engine: Engine, request: GenerationRequest) -> Job:
+    try:
+        return engine.submit(request)
+    except QueueFull as full:
+        raise APIError(
+            429,
+            "queue_full",
+            "the generation queue is full; retry later",
+            headers={"Retry-After": f"{full.retry_after:.0f}"},
+        ) from full
+
+
+async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> GenerationResult:
+    """The job's result; cancels it when the client disconnects (its rows leave at the next step)."""
+    future = asyncio.wrap_future(job.future)
+    while True:
+        done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
+        if done:
+            break
+        if request is not None and await request.is_disconnected():
+            engine.cancel(job)
+            raise APIError(499, "client_closed_request", "the client went away; the job was cancelled")
+    try:
+        return future.result()
+    except DeadlineExceeded as exc:
+        raise APIError(504, "deadline_exceeded", str(exc)) from exc
+    except JobCancelled as exc:
+        raise APIError(409, "job_cancelled", "the job was cancelled") from exc
+    except StoreUnavailable as exc:  # the release could not be recorded, so it was not released
+        raise database_unavailable() from exc
+    except NonFiniteOutput as exc:
+        raise APIError(500, "non_finite_output", str(exc)) from exc
+
+
+def database_unavailable() -> APIError:
+    """503 with a short Retry-After: the database is restarting, or another replica can serve. The driver's
+    text (hosts, ports) stays in the server's log."""
+    return APIError(
+        503, "database_unavailable", "the review and audit database is unreachable; retry later",
+        headers={"Retry-After": "2"},
+    )  # fmt: skip

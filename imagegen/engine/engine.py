@@ -1,0 +1,462 @@
+"""The step loop, one thread per model: every denoising step runs one UNet forward over all active rows.
+
+Requests with different samplers, step counts, guidance scales and seeds join at the next step
+boundary and leave when done (continuous batching). Cancellation, client disconnects and deadlines
+take effect at step boundaries: the job's rows are removed and compute for them stops. HTTP handlers
+only await a job's future, so no torch work runs on the event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from imagegen.engine.request import (
+    DeadlineExceeded,
+    GenerationRequest,
+    GenerationResult,
+    Job,
+    JobCancelled,
+    OutputSpec,
+    RowState,
+)
+from imagegen.engine.runner import Runner, prompt_states
+from imagegen.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
+from imagegen.gate import ReleasedImage
+from imagegen.gate.release import HeldForReview
+from imagegen.pipeline.loading import LoadedModel
+from imagegen.pipeline.prompts import PromptCache
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    deadline_seconds: float | None = None
+    max_release_backlog_bytes: int = 512 * 1024 * 1024  # decoded pixels waiting for the gate
+
+
+class NonFiniteOutput(RuntimeError):
+    """A row's latent or decoded pixels held NaN or ±inf: the job fails, nothing is released."""
+
+    def __init__(self, images: list[int]) -> None:
+        super().__init__(f"the model produced non-finite values for image(s) {images}; nothing was released")
+        self.images = images
+
+
+@dataclass(frozen=True)
+class StepStats:
+    """What one step did; metrics.py turns these into Prometheus series."""
+
+    model: str
+    rows: int  # images advanced
+    unet_rows: int  # rows in the forward, uncond rows included
+    uncond_rows: int
+    padded_rows: int
+    seconds: float
+    queued_images: int
+    running_rows: int
+
+
+@dataclass(frozen=True)
+class JobStats:
+    model: str
+    sampler: str
+    images: int
+    outcome: str  # succeeded | cancelled | deadline_exceeded | failed
+    queue_seconds: float | None  # submit → first step starts
+    first_step_seconds: float | None  # submit → first step done
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class DecodeStats:
+    model: str
+    images: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class NonFiniteStats:
+    model: str
+    sampler: str
+    images: int
+
+
+@dataclass
+class EngineObserver:
+    on_step: Callable[[StepStats], None] = lambda _: None
+    on_job: Callable[[JobStats], None] = lambda _: None
+    on_decode: Callable[[DecodeStats], None] = lambda _: None
+    on_non_finite: Callable[[NonFiniteStats], None] = lambda _: None
+
+
+# The gate's side of a finished job: its pixels (n, H, W, 3) uint8 in, what may leave out.
+Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | HeldForReview]]
+
+
+def jobs_of(rows: Sequence[RowState]) -> list[Job]:
+    """The distinct jobs of some rows, in row order."""
+    return list({id(r.job): r.job for r in rows if r.job is not None}.values())
+
+
+class ModelEngine:
+    def __init__(
+        self,
+        model: LoadedModel,
+        config: EngineConfig,
+        cache: PromptCache,
+        finish: Finish,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.model = model
+        self.finish = finish
+        self.config = config
+        self.cache = cache
+        self.observer = observer or EngineObserver()
+        self.runner = Runner(model)
+        self.scheduler = Scheduler(config.scheduler)
+        self.ready = threading.Event()
+        self._cv = threading.Condition()
+        self._inbox: list[Job] = []
+        self._active: dict[str, Job] = {}
+        self._stopping = False
+        self._releasing = 0  # jobs handed to the release pool and not yet resolved
+        self._releasing_bytes = 0  # their decoded pixels
+        self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
+        self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
+
+    # ---- called from other threads -------------------------------------------------------
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was accepted, then end the loop."""
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self._thread.join(timeout)
+        self._release_pool.shutdown(wait=True)
+
+    def submit(self, request: GenerationRequest) -> Job:
+        """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound."""
+        deadline = None
+        if self.config.deadline_seconds is not None:
+            deadline = time.monotonic() + self.config.deadline_seconds
+        job = Job(request=request, deadline=deadline)
+        with self._cv:
+            queued = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
+            if queued and queued + request.n > self.config.scheduler.max_queued_images:
+                raise QueueFull(self.scheduler.retry_after())
+            self._inbox.append(job)
+            self._active[job.id] = job
+            self._cv.notify()
+        return job
+
+    def cancel_all(self) -> None:
+        with self._cv:
+            for job in self._active.values():
+                job.cancel()
+            self._cv.notify()
+
+    def wake(self) -> None:
+        """A job was cancelled: let the loop notice even if it is idle."""
+        with self._cv:
+            self._cv.notify()
+
+    def queue_position(self, job: Job) -> int:
+        with self._cv:
+            if job in self._inbox:
+                return len({id(r.job) for r in self.scheduler.waiting}) + self._inbox.index(job)
+            return self.scheduler.queue_position(job)
+
+    def load(self) -> tuple[int, int, int]:
+        """(images waiting, requests waiting, rows running) for the metrics."""
+        with self._cv:
+            images = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
+            requests = sum(1 for j in self._active.values() if j.first_step_at is None)
+            return images, requests, self.scheduler.running_rows
+
+    def idle(self) -> bool:
+        """Nothing accepted is unfinished: no queued or running rows, no images being released."""
+        with self._cv:
+            return not self._inbox and not self._active and self._releasing == 0
+
+    # ---- the engine thread -----------------------------------------------------------------
+    def warm_up(self) -> None:
+        """One real step at the default size: allocators, kernels and lazy inits happen before /readyz."""
+        d = self.model.defaults
+        req = GenerationRequest(
+            model=self.model.name, prompt="", negative_prompt="", n=1, width=d.width, height=d.height, steps=1,
+            guidance_scale=d.guidance_scale, seed=0, sampler=d.sampler, eta=0.0, output=OutputSpec(),
+        )  # fmt: skip
+        self.runner.forward(self.runner.new_rows(req, *prompt_states(self.model, req, self.cache)))
+
+    def _loop(self) -> None:
+        try:
+            self.warm_up()
+        except Exception:
+            log.exception("warm-up of %s failed", self.model.name)
+            return
+        self.ready.set()
+        while True:
+            try:
+                if not self._iterate():
+                    return
+            except Exception as exc:  # a bug between steps must not strand futures (and their quota slots)
+                log.exception("engine loop of %s failed; failing its jobs", self.model.name)
+                for job in list(self._active.values()):
+                    self._fail(job, exc, "failed")
+
+    def _iterate(self) -> bool:
+        """One pass: admit new jobs, drop cancelled ones, run one step. False when the engine stops."""
+        with self._cv:
+            while not self._inbox and not self._active and not self._stopping:
+                self._cv.wait()
+            if self._stopping and not self._active:
+                return False
+            new, self._inbox = self._inbox, []
+        for job in new:
+            self._materialize(job)
+        self._reap()
+        with self._cv:
+            batch = self.scheduler.schedule()
+        if batch is None:
+            return True
+        now = time.monotonic()
+        for row in batch.rows:
+            if row.job is not None and row.job.first_step_at is None:
+                row.job.first_step_at, row.job.state = now, "running"
+        ran = self._run(batch)
+        if ran is None:
+            return True
+        batch, result = ran
+        stepped = time.monotonic()
+        for row in batch.rows:
+            if row.job is not None and row.job.first_step_done_at is None:
+                row.job.first_step_done_at = stepped
+        with self._cv:
+            finished = self.scheduler.update(batch, result)
+            queued, running = self.scheduler.queued_images, self.scheduler.running_rows
+        uncond = sum(r.cost - 1 for r in batch.rows)
+        self.observer.on_step(
+            StepStats(
+                self.model.name,
+                len(batch.rows),
+                batch.cost,
+                uncond,
+                batch.padded_to - batch.cost,
+                result.seconds,
+                queued,
+                running,
+            )
+        )
+        self._complete(finished)
+        return True
+
+    def _materialize(self, job: Job) -> None:
+        """Encode the prompts (cached) and draw each row's initial noise, then queue the rows."""
+        try:
+            cond, uncond = prompt_states(self.model, job.request, self.cache)
+            job.rows = self.runner.new_rows(job.request, cond, uncond, job=job)
+        except Exception as exc:
+            log.exception("could not start job %s", job.id, extra={"request_id": job.request.request_id})
+            self._fail(job, exc, "failed")
+            return
+        with self._cv:
+            self.scheduler.waiting.extend(job.rows)  # capacity was reserved in submit()
+
+    def _reap(self) -> None:
+        """Remove the rows of cancelled and overdue jobs before the next forward."""
+        now = time.monotonic()
+        for job in list(self._active.values()):
+            if job.cancel_requested:
+                self._fail(job, JobCancelled("cancelled"), "cancelled")
+            elif job.deadline is not None and now > job.deadline:
+                self._fail(
+                    job, DeadlineExceeded(f"not finished within {self.config.deadline_seconds}s"), "deadline_exceeded"
+                )
+
+    def _fail(self, job: Job, exc: Exception, outcome: str) -> None:
+        # The job is done before it leaves _active, so a drain never sees neither work nor a result.
+        job.state = "cancelled" if outcome == "cancelled" else "failed"
+        job.error = outcome
+        job.finished_at = time.monotonic()
+        with self._cv:
+            self.scheduler.remove(job)
+            self._active.pop(job.id, None)
+        self.observer.on_job(self._job_stats(job, outcome))  # before the future: a client reads metrics next
+        if not job.future.done():
+            job.future.set_exception(exc)
+
+    def _run(self, batch: StepBatch) -> tuple[StepBatch, StepResult] | None:
+        """Run one step. If it fails with several jobs in it, run each job's rows alone once: only the job
+        that breaks the forward fails. Returns the rows that stepped (None: none did)."""
+        # A failure after some rows drew their noise must not change the images of the rows retried.
+        noise_states = {id(r): r.generator.get_state() for r in batch.rows if r.plan.draws_noise[r.step]}
+        try:
+            return batch, self.runner.run(batch)
+        except Exception as exc:
+            jobs = jobs_of(batch.rows)
+            if len(jobs) == 1:
+                log.exception("step failed on %s", self.model.name)
+                self._fail(jobs[0], exc, "failed")
+                return None
+            log.warning("a step of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
+        for row in batch.rows:
+            if id(row) in noise_states:
+                row.generator.set_state(noise_states[id(row)])
+        stepped: list[RowState] = []
+        seconds = 0.0
+        for job in jobs:
+            rows = tuple(r for r in batch.rows if r.job is job)
+            cost = sum(r.cost for r in rows)
+            try:
+                seconds += self.runner.run(StepBatch(rows, cost, cost)).seconds
+            except Exception as exc:
+                log.exception("step failed for job %s", job.id, extra={"request_id": job.request.request_id})
+                self._fail(job, exc, "failed")
+                continue
+            stepped += rows
+        if not stepped:
+            return None
+        cost = sum(r.cost for r in stepped)
+        return StepBatch(tuple(stepped), cost, cost), StepResult(seconds)
+
+    def _decode(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
+        """Decode the rows of ``jobs`` in one VAE batch; if that fails, each job alone once."""
+        try:
+            pixels, finite = self.runner.decode([row for job in jobs for row in job.rows])
+        except Exception as exc:
+            if len(jobs) == 1:
+                log.exception("decode failed on %s", self.model.name)
+                self._fail(jobs[0], exc, "failed")
+                return []
+            log.warning("a decode of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
+            out = []
+            for job in jobs:
+                try:
+                    out.append((job, *self.runner.decode(job.rows)))
+                except Exception as exc:
+                    log.exception("decode failed for job %s", job.id, extra={"request_id": job.request.request_id})
+                    self._fail(job, exc, "failed")
+            return out
+        out, offset = [], 0
+        for job in jobs:
+            n = len(job.rows)
+            out.append((job, pixels[offset : offset + n], finite[offset : offset + n]))
+            offset += n
+        return out
+
+    def _complete(self, finished: list[RowState]) -> None:
+        """Decode every job whose last row just finished, in one VAE batch, and release its images."""
+        jobs = {id(r.job): r.job for r in finished if r.job is not None and all(x.done for x in r.job.rows)}
+        if not jobs:
+            return
+        started = time.perf_counter()
+        decoded = self._decode(list(jobs.values()))
+        if decoded:
+            images = sum(len(p) for _, p, _ in decoded)
+            self.observer.on_decode(DecodeStats(self.model.name, images, time.perf_counter() - started))
+        for job, pixels, finite in decoded:
+            if not finite.all():  # never a black square labelled as a success
+                bad = [i for i, ok in enumerate(finite) if not ok]
+                self.observer.on_non_finite(NonFiniteStats(self.model.name, job.request.sampler, len(bad)))
+                log.error("job %s: images %s are not finite", job.id, bad, extra={"request_id": job.request.request_id})
+                self._fail(job, NonFiniteOutput(bad), "non_finite_output")
+                continue
+            self._wait_for_release_room(pixels.nbytes)
+            with self._cv:
+                self._active.pop(job.id, None)
+                self._releasing += 1
+                self._releasing_bytes += pixels.nbytes
+            # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
+            self._release_pool.submit(self._release, job, pixels)
+
+    def _wait_for_release_room(self, nbytes: int) -> None:
+        """Backpressure: while decoded pixels waiting for the gate exceed their budget, the step loop waits."""
+        with self._cv:
+            while self._releasing and self._releasing_bytes + nbytes > self.config.max_release_backlog_bytes:
+                self._cv.wait(timeout=1.0)
+
+    def _release(self, job: Job, pixels: np.ndarray) -> None:
+        try:
+            self._release_images(job, pixels)
+        finally:
+            with self._cv:
+                self._releasing -= 1
+                self._releasing_bytes -= pixels.nbytes
+                self._cv.notify_all()
+
+    def _release_images(self, job: Job, pixels: np.ndarray) -> None:
+        try:
+            images = list(self.finish(job.request, pixels))
+        except Exception as exc:
+            # The gate's errors may name their outcome (a store that is down: database_unavailable); a job
+            # poller then sees the same code as a synchronous caller.
+            outcome = str(getattr(exc, "code", "failed"))
+            extra = {"request_id": job.request.request_id}
+            if outcome == "failed":
+                log.exception("release failed for job %s", job.id, extra=extra)
+            else:
+                log.warning("release failed for job %s: %s", job.id, exc, extra=extra)
+            self._fail(job, exc, outcome)
+            return
+        job.finished_at = time.monotonic()
+        self.observer.on_job(self._job_stats(job, "succeeded"))
+        if not job.future.done():
+            job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))
+        job.state = "succeeded"  # after the result: a reader that sees "succeeded" never waits for it
+
+    def _job_stats(self, job: Job, outcome: str) -> JobStats:
+        queue = None if job.first_step_at is None else job.first_step_at - job.submitted_at
+        first = None if job.first_step_done_at is None else job.first_step_done_at - job.submitted_at
+        total = (job.finished_at or time.monotonic()) - job.submitted_at
+        return JobStats(self.model.name, job.request.sampler, job.request.n, outcome, queue, first, total)
+
+
+class Engine:
+    """The step loops of every loaded model, addressed by model name."""
+
+    def __init__(
+        self,
+        models: list[LoadedModel],
+        config: EngineConfig,
+        cache: PromptCache,
+        finish: Finish,
+        observer: EngineObserver | None = None,
+    ) -> None:
+        self.workers = {m.name: ModelEngine(m, config, cache, finish, observer) for m in models}
+
+    def start(self) -> None:
+        for w in self.workers.values():
+            w.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        for w in self.workers.values():
+            w.stop(timeout)
+
+    @property
+    def ready(self) -> bool:
+        return bool(self.workers) and all(w.ready.is_set() for w in self.workers.values())
+
+    def idle(self) -> bool:
+        return all(w.idle() for w in self.workers.values())
+
+    def submit(self, request: GenerationRequest) -> Job:
+        return self.workers[request.model].submit(request)
+
+    def cancel(self, job: Job) -> None:
+        job.cancel()
+        self.workers[job.request.model].wake()
+
+    def cancel_all(self) -> None:
+        for w in self.workers.values():
+            w.cancel_all()

@@ -1,0 +1,197 @@
+"""Which rows run at the next step: admission, batching policy and queue bounds.
+
+The scheduler decides, the runner executes, and a ``StepBatch`` passes between them (vLLM v1's
+schedule → execute → update). It never touches a model, so it is tested with hand-made rows.
+
+Policy:
+- A row costs 1 UNet row, or 2 when it runs CFG with an uncond row; a forward holds at most
+  ``max_rows_per_forward``.
+- Admission is FIFO per latent shape: a row that does not fit blocks later rows of its shape (no
+  starvation of a large request by small ones), rows of other shapes may still be admitted.
+- Rows of different latent shapes never share a forward; shapes take turns (least recently run first).
+- With ``buckets`` set, a forward is padded up to the next bucket size (fixed shapes for CUDA graphs).
+- Policy ``short_first`` (default) admits FIFO into an active window twice the forward budget and
+  fills each forward by fewest remaining steps, aged by the steps a row has waited (a paused row keeps
+  its state, so pausing costs nothing; the ageing bounds any wait, so nothing starves). A 4-step
+  request arriving behind a full batch of 25-step ones runs at once. Policy ``fifo`` runs every
+  admitted row at every step.
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Literal
+
+from imagegen.engine.request import Job, RowState
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: float) -> None:
+        super().__init__(f"queue is full; retry in {retry_after:.0f}s")
+        self.retry_after = retry_after
+
+
+@dataclass(frozen=True)
+class SchedulerConfig:
+    max_rows_per_forward: int = 16
+    max_queued_images: int = 64  # images accepted but not yet running
+    buckets: tuple[int, ...] = ()  # e.g. (1, 2, 4, 8, 16); empty: no padding
+    policy: Literal["short_first", "fifo"] = "short_first"
+
+    @property
+    def window(self) -> int:
+        """UNet rows admitted per shape group (running, possibly paused)."""
+        return self.max_rows_per_forward * (2 if self.policy == "short_first" else 1)
+
+    def __post_init__(self) -> None:
+        if self.max_rows_per_forward < 2:
+            raise ValueError("max_rows_per_forward must be ≥ 2 (a CFG row needs two)")
+        if self.buckets and max(self.buckets) < self.max_rows_per_forward:
+            raise ValueError("the largest bucket must hold max_rows_per_forward rows")
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    rows: tuple[RowState, ...]
+    cost: int  # UNet rows, uncond rows included
+    padded_to: int  # UNet rows after bucket padding (== cost without buckets)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    seconds: float
+
+
+@dataclass
+class Scheduler:
+    config: SchedulerConfig = field(default_factory=SchedulerConfig)
+    waiting: deque[RowState] = field(default_factory=deque)
+    running: dict[tuple[int, ...], list[RowState]] = field(default_factory=dict)
+    step_seconds: float | None = None  # EMA of measured step time, for Retry-After
+    _turn: dict[tuple[int, ...], int] = field(default_factory=dict)
+    _last_ran: dict[int, int] = field(default_factory=dict)  # id(row) → step count when it last ran
+    _steps: int = 0
+
+    # ---- queue -------------------------------------------------------------------------
+    @property
+    def queued_images(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def running_rows(self) -> int:
+        return sum(len(rows) for rows in self.running.values())
+
+    def check_capacity(self, images: int) -> None:
+        """Raise QueueFull when ``images`` more would exceed the queue bound (an empty queue takes any request)."""
+        if self.queued_images and self.queued_images + images > self.config.max_queued_images:
+            raise QueueFull(self.retry_after())
+
+    def add(self, job: Job) -> None:
+        self.check_capacity(len(job.rows))
+        self.waiting.extend(job.rows)
+
+    def remove(self, job: Job) -> int:
+        """Drop every row of ``job``, waiting or running; returns how many were dropped."""
+        before = self.queued_images + self.running_rows
+        self.waiting = deque(r for r in self.waiting if r.job is not job)
+        for r in job.rows:
+            self._last_ran.pop(id(r), None)
+        for group in list(self.running):
+            self.running[group] = [r for r in self.running[group] if r.job is not job]
+            if not self.running[group]:
+                del self.running[group]
+        return before - self.queued_images - self.running_rows
+
+    def queue_position(self, job: Job) -> int:
+        """Jobs with rows waiting ahead of this job's first waiting row (0: next, or already running)."""
+        ahead: set[int] = set()
+        for row in self.waiting:
+            if row.job is job:
+                return len(ahead)
+            ahead.add(id(row.job))
+        return 0
+
+    def retry_after(self) -> float:
+        """Seconds until the queue has drained by one forward's worth, from the measured step time."""
+        per_step = self.step_seconds or 1.0
+        pending = sum((r.plan.steps - r.step) * r.cost for r in self.waiting)
+        pending += sum((r.plan.steps - r.step) * r.cost for rows in self.running.values() for r in rows)
+        forwards = pending / self.config.max_rows_per_forward
+        return max(1.0, math.ceil(forwards * per_step))
+
+    # ---- schedule / update ---------------------------------------------------------------
+    def _admit(self) -> None:
+        budget = self.config.window
+        used = {g: sum(r.cost for r in rows) for g, rows in self.running.items()}
+        blocked: set[tuple[int, ...]] = set()
+        still_waiting: deque[RowState] = deque()
+        for row in self.waiting:
+            g = row.group
+            if g not in blocked and used.get(g, 0) + row.cost <= budget:
+                self.running.setdefault(g, []).append(row)
+                used[g] = used.get(g, 0) + row.cost
+                self._last_ran[id(row)] = self._steps
+            else:
+                blocked.add(g)
+                still_waiting.append(row)
+        self.waiting = still_waiting
+
+    def schedule(self) -> StepBatch | None:
+        """Admit what fits, then pick the shape group that has waited longest for a forward."""
+        self._admit()
+        if not self.running:
+            return None
+        group = min(self.running, key=lambda g: self._turn.get(g, -1))
+        rows = tuple(self._select(self.running[group]))
+        cost = sum(r.cost for r in rows)
+        padded = cost
+        if self.config.buckets:
+            buckets = sorted(self.config.buckets)
+            padded = buckets[min(bisect.bisect_left(buckets, cost), len(buckets) - 1)]
+        return StepBatch(rows=rows, cost=cost, padded_to=max(padded, cost))
+
+    def _select(self, rows: list[RowState]) -> list[RowState]:
+        """The rows of one group that fit a forward: fewest remaining steps minus steps waited first."""
+        budget = self.config.max_rows_per_forward
+        if sum(r.cost for r in rows) <= budget:
+            return rows
+
+        def urgency(item: tuple[int, RowState]) -> tuple[int, int]:
+            order, r = item
+            waited = self._steps - self._last_ran.get(id(r), self._steps)
+            return (r.plan.steps - r.step - waited, order)
+
+        chosen, used = [], 0
+        for _, r in sorted(enumerate(rows), key=urgency):
+            if used + r.cost <= budget:
+                chosen.append(r)
+                used += r.cost
+        keep = {id(r) for r in chosen}
+        return [r for r in rows if id(r) in keep]  # admission order inside the forward
+
+    def update(self, batch: StepBatch, result: StepResult) -> list[RowState]:
+        """Advance the rows that ran; retire and return the rows that finished."""
+        self._steps += 1
+        self.step_seconds = (
+            result.seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * result.seconds
+        )
+        finished = []
+        for row in batch.rows:
+            row.step += 1
+            self._last_ran[id(row)] = self._steps
+            if row.done:
+                finished.append(row)
+                self._last_ran.pop(id(row), None)
+        if not batch.rows:
+            return finished
+        group = batch.rows[0].group
+        self._turn[group] = self._steps
+        if finished and group in self.running:
+            done = {id(r) for r in finished}
+            self.running[group] = [r for r in self.running[group] if id(r) not in done]
+            if not self.running[group]:
+                del self.running[group]
+        return finished

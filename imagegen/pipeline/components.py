@@ -1,0 +1,107 @@
+"""Thin typed wrappers over the transformers / diffusers modules a model folder holds.
+
+Latents stay float32 between steps whatever the model dtype: the sampler arithmetic is done in fp32
+and only the networks run in fp16/bf16 on a GPU.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from imagegen.samplers.guidance import guidance_embedding
+
+
+@dataclass(frozen=True, eq=False)
+class TextEncoder:
+    tokenizer: PreTrainedTokenizerBase
+    model: PreTrainedModel
+    max_length: int
+    use_attention_mask: bool  # CLIP as in SD: no mask; BERT-like encoders were trained with one
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Token-level states (B, L, D), padded to ``max_length`` as Stable Diffusion pipelines do."""
+        tokens = self.tokenizer(
+            prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
+        )
+        device = self.model.device
+        mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
+        return self.model(tokens.input_ids.to(device), attention_mask=mask)[0]
+
+    def read_back(self, prompt: str) -> str:
+        """The prompt as this encoder reads it: its tokenizer's round trip (normalised, without specials)."""
+        ids = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+@dataclass(frozen=True, eq=False)
+class Denoiser:
+    unet: UNet2DConditionModel
+
+    @property
+    def guidance_embedding_dim(self) -> int | None:
+        """Set for guidance-distilled (LCM) UNets: w enters as an embedding, not as an uncond row."""
+        dim = self.unet.config.time_cond_proj_dim
+        return int(dim) if dim else None
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def downsample_factor(self) -> int:
+        return int(2 ** (len(self.unet.config.block_out_channels) - 1))
+
+    @torch.inference_mode()
+    def __call__(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None
+    ) -> torch.Tensor:
+        """x (B, C, h, w) fp32, t (B,), context (B, L, D), guidance (B,) w for distilled UNets → (B, C, h, w) fp32."""
+        dtype, device = self.unet.dtype, self.unet.device
+        cond = None
+        if self.guidance_embedding_dim is not None and guidance is not None:
+            cond = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
+        out = self.unet(
+            x.to(device, dtype),
+            t.to(device),
+            encoder_hidden_states=context.to(device, dtype),
+            timestep_cond=cond,
+            return_dict=False,
+        )[0]
+        return out.to(torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class Decoder:
+    vae: AutoencoderKL
+
+    @property
+    def scale_factor(self) -> int:
+        return int(2 ** (len(self.vae.config.block_out_channels) - 1))
+
+    def unscale(self, latents: torch.Tensor) -> torch.Tensor:
+        """Undo the normalisation the UNet was trained on; per-channel statistics win when the folder has them."""
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            s = torch.tensor(std, dtype=latents.dtype, device=latents.device).view(1, -1, 1, 1)
+            return latents * s / cfg.scaling_factor + m
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return latents / cfg.scaling_factor + shift
+
+    @torch.inference_mode()
+    def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
+        """Latents (B, C, h, w) → uint8 images (B, H, W, 3), rounded as diffusers' image processor does, and
+        (B,) bool: the image's latent and decoded values were all finite (NaN would quantise to black)."""
+        finite = torch.isfinite(latents).flatten(1).all(dim=1)
+        z = self.unscale(latents).to(self.vae.device, self.vae.dtype)
+        image = self.vae.decode(z, return_dict=False)[0].to(torch.float32)
+        finite = finite.to(image.device) & torch.isfinite(image).flatten(1).all(dim=1)
+        image = (torch.nan_to_num(image) / 2 + 0.5).clamp(0, 1)  # non-finite images are flagged, never shown
+        return (image.permute(0, 2, 3, 1).cpu().numpy() * 255).round().astype(np.uint8), finite.cpu().numpy()
