@@ -41,11 +41,12 @@ def pct(values: list[float], q: float) -> float:
 def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: float) -> float:
     """UNet row evaluations per second with the runner's batch full of DDIM-25 + CFG rows."""
     from imagegen.engine.request import GenerationRequest, OutputSpec
-    from imagegen.engine.runner import Runner, prompt_states
-    from imagegen.pipeline.loading import load_model, resolve_device, resolve_dtype
+    from imagegen.engine.runner import Runner, conditioning
+    from imagegen.engine.scheduler import StepBatch
+    from imagegen.pipeline.loading import load_model, resolve_placement
 
-    dev = resolve_device(device)
-    model = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+    placement = resolve_placement(device, dtype)
+    model = load_model(model_dir, placement)
     d = model.defaults
     req = GenerationRequest(
         model=model.name, prompt="a red mug on a white background", negative_prompt="", n=max_rows // 2,
@@ -53,30 +54,34 @@ def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: 
         output=OutputSpec(),
     )  # fmt: skip
     runner = Runner(model)
-    rows = runner.new_rows(req, *prompt_states(model, req))
-    runner.forward(rows)  # warm-up
+    refs = runner.admit(req, "bench", *conditioning(model, req))
+    cost = sum(r.cost for r in refs)
+    batch = StepBatch(tuple(refs), cost, cost)
+    runner.step(batch)  # warm-up
     done, started = 0, time.perf_counter()
     while time.perf_counter() - started < seconds:
-        for r in rows:
-            r.step = (r.step + 1) % r.plan.steps
-        runner.forward(rows)
+        for r in refs:  # the bench plays the scheduler: the same rows, round and round their plan
+            r.step = (r.step + 1) % r.steps
+        runner.step(batch)
         done += 1
-    if dev.type == "cuda":
+    if placement.device.type == "cuda":
         torch.cuda.synchronize()
-    return done * sum(r.cost for r in rows) / (time.perf_counter() - started)
+    return done * cost / (time.perf_counter() - started)
 
 
 # ---- (c) diffusers ---------------------------------------------------------------------------
 def diffusers_latency(model_dir: Path, device: str, dtype: str, runs: int) -> float:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from imagegen.pipeline.loading import load_model, resolve_device, resolve_dtype
+    from imagegen.pipeline.families.sd import StableDiffusion
+    from imagegen.pipeline.loading import load_model, resolve_placement
 
-    dev = resolve_device(device)
-    m = load_model(model_dir, dev, resolve_dtype(dtype, dev))
+    m = load_model(model_dir, resolve_placement(device, dtype))
+    sd = m.family
+    assert isinstance(sd, StableDiffusion)
     pipe = StableDiffusionPipeline(
-        vae=m.decoder.vae, text_encoder=m.text_encoder.model, tokenizer=m.text_encoder.tokenizer,
-        unet=m.denoiser.unet, scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler"),
+        vae=sd.decoder.vae, text_encoder=sd.text_encoder.model, tokenizer=sd.text_encoder.tokenizer,
+        unet=sd.unet, scheduler=DDIMScheduler.from_pretrained(model_dir / "scheduler"),
         safety_checker=None, feature_extractor=None, requires_safety_checker=False,
     )  # fmt: skip
     pipe.set_progress_bar_config(disable=True)

@@ -38,7 +38,7 @@ from imagegen.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from imagegen.gate.gate import Gate
 from imagegen.gate.policy import Policy
 from imagegen.metrics import Metrics, ModelLoad, Snapshot
-from imagegen.pipeline.loading import load_all, resolve_device, resolve_dtype
+from imagegen.pipeline.loading import load_all, resolve_placement
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
 from imagegen.state.reviews import ReviewStore
@@ -75,9 +75,8 @@ def load_and_start(services: Services) -> None:
             statement_timeout=settings.database_statement_timeout_seconds,
             pool_size=settings.database_pool_size,
         )
-        device = resolve_device(settings.device)
-        dtype = resolve_dtype(settings.dtype, device)
-        models, failures = load_all(settings.models_dir, device, dtype)
+        placement = resolve_placement(settings.device, settings.dtype, settings.text_encoder_device)
+        models, failures = load_all(settings.models_dir, placement)
     except Exception:
         log.exception("model loading failed")
         return

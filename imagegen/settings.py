@@ -23,6 +23,9 @@ class Settings(BaseSettings):
     models_dir: Path = Field(REPO_ROOT / "models", description="Folder whose sub-folders are served as models.")
     default_model: str | None = Field(None, description="Model used when a request names none (default: first).")
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
+    text_encoder_device: str = Field(
+        "same", description="Where text encoders run: same (as the denoiser), cpu, cuda or cuda:N (T5-XXL is 4.7 B)."
+    )
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Network dtype: auto = bf16/fp16 on CUDA, fp32 on CPU."
     )

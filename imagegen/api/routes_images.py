@@ -35,18 +35,18 @@ def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest
     """The gate's policy on the declared use and on the prompt as the model's tokenizer reads it: blocked
     requests never reach the engine, held ones are generated but kept for a reviewer."""
     use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
-    readings = services.models[req.model].text_encoder.read_back(req.prompt)
-    screening = services.gate.screen(use, req.prompt, caller.name, [readings])
+    readings = services.models[req.model].family.read_back(req.prompt)
+    screening = services.gate.screen(use, req.prompt, caller.name, readings)
     if screening.verdict == "block":
         raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(screening.reasons))
     return replace(req, screening=screening)
 
 
 def compute_cost(model: LoadedModel, req: GenerationRequest) -> float:
-    """Row-steps × latent pixels: what the request asks of the UNet (a CFG image is two rows)."""
+    """Row-steps × latent pixels: what the request asks of the denoiser (a CFG image is two rows)."""
     rows = 2 if needs_uncond_row(model, req.guidance_scale) else 1
-    factor = model.decoder.scale_factor
-    return float(req.n * req.steps * rows * (req.width // factor) * (req.height // factor))
+    _, h, w = model.family.latent_shape(req.width, req.height)
+    return float(req.n * req.steps * rows * h * w)
 
 
 def ready_engine(services: Services) -> Engine:

@@ -14,7 +14,11 @@ router = APIRouter(dependencies=[Depends(authenticate)])  # any valid key
 
 def _out(services: ServicesDep, name: str) -> ModelOut:
     m = services.models[name]
-    return ModelOut(id=m.name, created=m.created, defaults=dict(m.defaults.__dict__))
+    f = m.family
+    return ModelOut(
+        id=m.name, created=m.created, family=f.name, samplers=sorted(f.samplers), guidance=f.guidance,
+        negative_prompt=f.negative_prompt, defaults=dict(m.defaults.__dict__),
+    )  # fmt: skip
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -143,6 +143,10 @@ class ModelOut(BaseModel):
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "imagegen"
+    family: str  # sd | sdxl | sd3 | flux
+    samplers: list[str]  # what this model can run; others are refused with 400 unsupported_sampler
+    guidance: str  # cfg (an uncond row per guided image) | embedded (w is a model input) | none
+    negative_prompt: bool  # whether it takes one
     defaults: dict[str, Any]
 
 

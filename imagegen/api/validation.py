@@ -12,6 +12,7 @@ from imagegen.api.errors import APIError
 from imagegen.api.schemas import ImageGenerationBody
 from imagegen.engine.request import GenerationRequest, OutputSpec
 from imagegen.pipeline.loading import LoadedModel
+from imagegen.samplers import SAMPLERS
 from imagegen.settings import Settings
 
 SIZE = re.compile(r"([0-9]{1,5})x([0-9]{1,5})")  # ASCII digits, the whole string (no trailing newline)
@@ -69,11 +70,24 @@ def resolve(
     if not 1 <= body.n <= settings.max_images:
         raise bad("invalid_n", f"n must be between 1 and {settings.max_images}", "n")
     width, height = parse_size(body.size, model, settings)
+    samplers = model.family.samplers
     sampler = body.sampler or d.sampler
-    if sampler not in model.samplers:
-        raise bad("unknown_sampler", f"sampler must be one of {sorted(model.samplers)}", "sampler")
+    if sampler not in SAMPLERS:
+        raise bad("unknown_sampler", f"sampler must be one of {sorted(SAMPLERS)}", "sampler")
+    if sampler not in samplers:
+        raise bad(
+            "unsupported_sampler",
+            f"{model.name} ({model.family.name}) cannot run {sampler}; it supports {', '.join(sorted(samplers))}",
+            "sampler",
+        )
+    if body.negative_prompt and not model.family.negative_prompt:
+        raise bad(
+            "unsupported_parameter",
+            f"{model.name} ({model.family.name}) takes no negative prompt: its guidance is distilled into the model",
+            "negative_prompt",
+        )
     steps = body.num_inference_steps if body.num_inference_steps is not None else d.steps
-    limit = min(settings.max_steps, model.samplers[sampler].max_steps())
+    limit = min(settings.max_steps, samplers[sampler].max_steps())
     if not 1 <= steps <= limit:
         raise bad(
             "invalid_steps", f"num_inference_steps must be between 1 and {limit} for {sampler}", "num_inference_steps"
@@ -88,7 +102,7 @@ def resolve(
     return GenerationRequest(
         model=model.name,
         prompt=body.prompt,
-        negative_prompt=body.negative_prompt or "",
+        negative_prompt=body.negative_prompt,
         n=body.n,
         width=width,
         height=height,

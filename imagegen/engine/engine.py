@@ -24,9 +24,9 @@ from imagegen.engine.request import (
     Job,
     JobCancelled,
     OutputSpec,
-    RowState,
+    RowRef,
 )
-from imagegen.engine.runner import Runner, prompt_states
+from imagegen.engine.runner import Runner, conditioning
 from imagegen.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
 from imagegen.gate import ReleasedImage
 from imagegen.gate.release import HeldForReview
@@ -102,9 +102,9 @@ class EngineObserver:
 Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | HeldForReview]]
 
 
-def jobs_of(rows: Sequence[RowState]) -> list[Job]:
+def jobs_of(rows: Sequence[RowRef]) -> list[str]:
     """The distinct jobs of some rows, in row order."""
-    return list({id(r.job): r.job for r in rows if r.job is not None}.values())
+    return list(dict.fromkeys(r.job for r in rows))
 
 
 class ModelEngine:
@@ -174,8 +174,8 @@ class ModelEngine:
     def queue_position(self, job: Job) -> int:
         with self._cv:
             if job in self._inbox:
-                return len({id(r.job) for r in self.scheduler.waiting}) + self._inbox.index(job)
-            return self.scheduler.queue_position(job)
+                return len({r.job for r in self.scheduler.waiting}) + self._inbox.index(job)
+            return self.scheduler.queue_position(job.id)
 
     def load(self) -> tuple[int, int, int]:
         """(images waiting, requests waiting, rows running) for the metrics."""
@@ -197,7 +197,11 @@ class ModelEngine:
             model=self.model.name, prompt="", negative_prompt="", n=1, width=d.width, height=d.height, steps=1,
             guidance_scale=d.guidance_scale, seed=0, sampler=d.sampler, eta=0.0, output=OutputSpec(),
         )  # fmt: skip
-        self.runner.forward(self.runner.new_rows(req, *prompt_states(self.model, req, self.cache)))
+        refs = self.runner.admit(req, "warm-up", *conditioning(self.model, req, self.cache))
+        try:
+            self.runner.step(StepBatch(tuple(refs), sum(r.cost for r in refs), sum(r.cost for r in refs)))
+        finally:
+            self.runner.drop([r.id for r in refs])
 
     def _loop(self) -> None:
         try:
@@ -231,17 +235,17 @@ class ModelEngine:
         if batch is None:
             return True
         now = time.monotonic()
-        for row in batch.rows:
-            if row.job is not None and row.job.first_step_at is None:
-                row.job.first_step_at, row.job.state = now, "running"
+        for job in self._jobs(batch.rows):
+            if job.first_step_at is None:
+                job.first_step_at, job.state = now, "running"
         ran = self._run(batch)
         if ran is None:
             return True
         batch, result = ran
         stepped = time.monotonic()
-        for row in batch.rows:
-            if row.job is not None and row.job.first_step_done_at is None:
-                row.job.first_step_done_at = stepped
+        for job in self._jobs(batch.rows):
+            if job.first_step_done_at is None:
+                job.first_step_done_at = stepped
         with self._cv:
             finished = self.scheduler.update(batch, result)
             queued, running = self.scheduler.queued_images, self.scheduler.running_rows
@@ -264,14 +268,13 @@ class ModelEngine:
     def _materialize(self, job: Job) -> None:
         """Encode the prompts (cached) and draw each row's initial noise, then queue the rows."""
         try:
-            cond, uncond = prompt_states(self.model, job.request, self.cache)
-            job.rows = self.runner.new_rows(job.request, cond, uncond, job=job)
+            job.rows = self.runner.admit(job.request, job.id, *conditioning(self.model, job.request, self.cache))
         except Exception as exc:
             log.exception("could not start job %s", job.id, extra={"request_id": job.request.request_id})
             self._fail(job, exc, "failed")
             return
         with self._cv:
-            self.scheduler.waiting.extend(job.rows)  # capacity was reserved in submit()
+            self.scheduler.enqueue(job.rows)  # capacity was reserved in submit()
 
     def _reap(self) -> None:
         """Remove the rows of cancelled and overdue jobs before the next forward."""
@@ -290,8 +293,9 @@ class ModelEngine:
         job.error = outcome
         job.finished_at = time.monotonic()
         with self._cv:
-            self.scheduler.remove(job)
+            self.scheduler.remove(job.id)
             self._active.pop(job.id, None)
+            self.runner.drop([r.id for r in job.rows])
         self.observer.on_job(self._job_stats(job, outcome))  # before the future: a client reads metrics next
         if not job.future.done():
             job.future.set_exception(exc)
@@ -299,27 +303,23 @@ class ModelEngine:
     def _run(self, batch: StepBatch) -> tuple[StepBatch, StepResult] | None:
         """Run one step. If it fails with several jobs in it, run each job's rows alone once: only the job
         that breaks the forward fails. Returns the rows that stepped (None: none did)."""
-        # A failure after some rows drew their noise must not change the images of the rows retried.
-        noise_states = {id(r): r.generator.get_state() for r in batch.rows if r.plan.draws_noise[r.step]}
+        # A failed step leaves its rows (and their noise generators) as they were: a retry draws the same noise.
         try:
-            return batch, self.runner.run(batch)
+            return batch, self.runner.step(batch)
         except Exception as exc:
-            jobs = jobs_of(batch.rows)
+            jobs = self._jobs(batch.rows)
             if len(jobs) == 1:
                 log.exception("step failed on %s", self.model.name)
                 self._fail(jobs[0], exc, "failed")
                 return None
             log.warning("a step of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
-        for row in batch.rows:
-            if id(row) in noise_states:
-                row.generator.set_state(noise_states[id(row)])
-        stepped: list[RowState] = []
+        stepped: list[RowRef] = []
         seconds = 0.0
         for job in jobs:
-            rows = tuple(r for r in batch.rows if r.job is job)
+            rows = tuple(r for r in batch.rows if r.job == job.id)
             cost = sum(r.cost for r in rows)
             try:
-                seconds += self.runner.run(StepBatch(rows, cost, cost)).seconds
+                seconds += self.runner.step(StepBatch(rows, cost, cost)).seconds
             except Exception as exc:
                 log.exception("step failed for job %s", job.id, extra={"request_id": job.request.request_id})
                 self._fail(job, exc, "failed")
@@ -333,7 +333,7 @@ class ModelEngine:
     def _decode(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
         """Decode the rows of ``jobs`` in one VAE batch; if that fails, each job alone once."""
         try:
-            pixels, finite = self.runner.decode([row for job in jobs for row in job.rows])
+            pixels, finite = self.runner.decode([row.id for job in jobs for row in job.rows])
         except Exception as exc:
             if len(jobs) == 1:
                 log.exception("decode failed on %s", self.model.name)
@@ -343,7 +343,7 @@ class ModelEngine:
             out = []
             for job in jobs:
                 try:
-                    out.append((job, *self.runner.decode(job.rows)))
+                    out.append((job, *self.runner.decode([r.id for r in job.rows])))
                 except Exception as exc:
                     log.exception("decode failed for job %s", job.id, extra={"request_id": job.request.request_id})
                     self._fail(job, exc, "failed")
@@ -355,13 +355,19 @@ class ModelEngine:
             offset += n
         return out
 
-    def _complete(self, finished: list[RowState]) -> None:
+    def _jobs(self, rows: Sequence[RowRef]) -> list[Job]:
+        """The jobs of some rows, in row order (the engine thread's view: every row's job is active)."""
+        return [self._active[j] for j in jobs_of(rows) if j in self._active]
+
+    def _complete(self, finished: list[RowRef]) -> None:
         """Decode every job whose last row just finished, in one VAE batch, and release its images."""
-        jobs = {id(r.job): r.job for r in finished if r.job is not None and all(x.done for x in r.job.rows)}
+        jobs = [job for job in self._jobs(finished) if all(r.done for r in job.rows)]
         if not jobs:
             return
         started = time.perf_counter()
-        decoded = self._decode(list(jobs.values()))
+        decoded = self._decode(jobs)
+        for job in jobs:
+            self.runner.drop([r.id for r in job.rows])  # its pixels are on the host now
         if decoded:
             images = sum(len(p) for _, p, _ in decoded)
             self.observer.on_decode(DecodeStats(self.model.name, images, time.perf_counter() - started))

@@ -1,4 +1,5 @@
-"""What the engine is asked to do (frozen), the job that tracks it, and the progress of each row."""
+"""What the engine is asked to do (frozen), the job that tracks it, and the progress of each row. No torch here:
+the scheduler works on these alone."""
 
 from __future__ import annotations
 
@@ -8,10 +9,6 @@ import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
-
-import torch
-
-from imagegen.samplers import Sampler, SamplerPlan
 
 if TYPE_CHECKING:
     from imagegen.gate import ReleasedImage
@@ -31,7 +28,7 @@ class GenerationRequest:
 
     model: str
     prompt: str
-    negative_prompt: str
+    negative_prompt: str | None  # None: not given (SDXL then conditions on zeros, as diffusers does)
     n: int
     width: int
     height: int
@@ -72,7 +69,7 @@ class Job:
     deadline: float | None = None  # time.monotonic() value
     id: str = field(default_factory=lambda: uuid.uuid4().hex)
     future: Future[GenerationResult] = field(default_factory=Future)
-    rows: list[RowState] = field(default_factory=list)
+    rows: list[RowRef] = field(default_factory=list)
     state: JobState = "queued"
     created: int = field(default_factory=lambda: int(time.time()))
     submitted_at: float = field(default_factory=time.monotonic)
@@ -106,36 +103,17 @@ class Job:
 
 
 @dataclass(eq=False)
-class RowState:
-    """One image in flight: its latent, where it is in its plan, and its own noise source."""
+class RowRef:
+    """One image in flight as the scheduler sees it: no tensors (those live in the runner, under ``id``).
+    Only the scheduler advances ``step``; the API reads it for progress."""
 
-    image_index: int
-    x: torch.Tensor  # (1, C, h, w) float32, in the sampler's space
-    sampler: Sampler
-    plan: SamplerPlan
-    generator: torch.Generator  # CPU, seeded seed + image_index: all of this row's noise
-    cond: torch.Tensor  # (L, D) prompt token states
-    uncond: torch.Tensor | None  # (L, D) negative-prompt states when the row runs CFG with an uncond row
-    guidance_scale: float
-    guidance_rescale: float = 0.0
-    job: Job | None = None
+    id: int
+    job: str  # Job.id
+    group: tuple[int, ...]  # rows share a forward only with rows of the same group (latent shape)
+    steps: int
+    cost: int  # denoiser rows in a forward: 2 when CFG runs an uncond row for it
     step: int = 0
-    previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers
 
     @property
     def done(self) -> bool:
-        return self.step >= self.plan.steps
-
-    @property
-    def cost(self) -> int:
-        """UNet rows this row occupies in a forward pass."""
-        return 1 if self.uncond is None else 2
-
-    @property
-    def group(self) -> tuple[int, ...]:
-        """Rows share a forward pass only with rows of the same latent shape."""
-        return tuple(self.x.shape[1:])
-
-
-def row_generator(seed: int, image_index: int) -> torch.Generator:
-    return torch.Generator("cpu").manual_seed(seed + image_index)
+        return self.step >= self.steps

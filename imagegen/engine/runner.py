@@ -1,23 +1,30 @@
-"""Executes a StepBatch: one UNet forward over all its rows, CFG per row, each row's own sampler step.
+"""Executes a StepBatch: one denoiser forward over all its rows, CFG per row, each row's own sampler step.
 
-The runner writes each row's new latent; the scheduler advances its step counter. Finished rows are
-VAE-decoded together.
+The runner owns every tensor: each row's latent, plan, conditioning, noise generator and sampler history, under
+the row's id. The scheduler hands it row ids (``RowRef``s) and advances their step counters; the runner reads
+a row's step from its ref and never changes it. Only the engine thread calls it.
 """
 
 from __future__ import annotations
 
+import itertools
 import time
 from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
-from imagegen.engine.request import GenerationRequest, Job, RowState, row_generator
+from imagegen.engine.request import GenerationRequest, RowRef
 from imagegen.engine.scheduler import StepBatch, StepResult
+from imagegen.pipeline.families import Conditioning
 from imagegen.pipeline.loading import LoadedModel
 from imagegen.pipeline.prompts import PromptCache
-from imagegen.samplers import Sampler, StepOutput
+from imagegen.samplers import Sampler, SamplerPlan, StepOutput
 from imagegen.samplers.guidance import apply_cfg
+
+_ids = itertools.count(1)  # row ids, unique in the process
 
 
 def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -28,132 +35,151 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 
 def needs_uncond_row(model: LoadedModel, guidance_scale: float) -> bool:
-    """CFG with an uncond row only where it changes the result: w > 1 on a UNet without a w-embedding."""
-    return guidance_scale > 1.0 and not model.distilled
+    """CFG with an uncond row only where it changes the result: w > 1 on a model guided by CFG."""
+    return guidance_scale > 1.0 and model.family.guidance == "cfg"
 
 
-def prompt_states(
+def row_generator(seed: int, image_index: int) -> torch.Generator:
+    """All of image i's noise, on any device and in any batch: diffusers' generator list gives the same."""
+    return torch.Generator("cpu").manual_seed(seed + image_index)
+
+
+def conditioning(
     model: LoadedModel, req: GenerationRequest, cache: PromptCache | None = None
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Prompt states (L, D), plus negative-prompt states when the request's rows need uncond rows."""
-    texts = [req.prompt, req.negative_prompt] if needs_uncond_row(model, req.guidance_scale) else [req.prompt]
-    if cache is not None:
-        states = cache.encode(model.name, model.text_encoder, texts)
-    else:
-        states = list(model.text_encoder.encode(texts))
-    return states[0], (states[1] if len(states) > 1 else None)
+) -> tuple[Conditioning, Conditioning | None]:
+    """The prompt's conditioning (one row), and the negative prompt's when the request's rows need uncond rows."""
+    texts: list[str | None] = [req.prompt]
+    if needs_uncond_row(model, req.guidance_scale):
+        texts.append(req.negative_prompt)
+    bundles = cache.encode(model.name, model.family, texts) if cache else model.family.encode(texts).split()
+    return bundles[0], (bundles[1] if len(bundles) > 1 else None)
+
+
+@dataclass(eq=False)
+class RowTensors:
+    """What a row needs on the device between steps."""
+
+    x: torch.Tensor  # (1, C, h, w) float32, in the sampler's space
+    sampler: Sampler
+    plan: SamplerPlan
+    generator: torch.Generator  # CPU, seeded seed + image_index
+    cond: Conditioning  # one row
+    uncond: Conditioning | None  # the negative prompt's, when the row runs CFG with an uncond row
+    guidance_scale: float
+    guidance_rescale: float
+    previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers
 
 
 class Runner:
     def __init__(self, model: LoadedModel) -> None:
         self.model = model
+        self.rows: dict[int, RowTensors] = {}
 
-    def new_rows(
-        self, req: GenerationRequest, cond: torch.Tensor, uncond: torch.Tensor | None, job: Job | None = None
-    ) -> list[RowState]:
-        """Rows for every image of a request, initial noise drawn from each row's own generator."""
-        sampler = self.model.samplers[req.sampler]
-        plan = sampler.plan(req.steps, req.eta)
-        factor = self.model.decoder.scale_factor
-        shape = (1, self.model.denoiser.latent_channels, req.height // factor, req.width // factor)
-        rows = []
+    def admit(self, req: GenerationRequest, job: str, cond: Conditioning, uncond: Conditioning | None) -> list[RowRef]:
+        """Rows for every image of a request, initial noise drawn from each row's own generator (in the
+        unpacked latent shape, as the diffusers pipelines draw it)."""
+        family = self.model.family
+        sampler = family.samplers[req.sampler]
+        plan = family.plan(req.sampler, req.steps, req.eta, req.width, req.height)
+        shape = (1, *family.latent_shape(req.width, req.height))
+        refs = []
         for i in range(req.n):
             g = row_generator(req.seed, i)
             x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
-            rows.append(
-                RowState(
-                    image_index=i,
-                    x=x.to(self.model.device),
-                    sampler=sampler,
-                    plan=plan,
-                    generator=g,
-                    cond=cond,
-                    uncond=uncond,
-                    guidance_scale=req.guidance_scale,
-                    guidance_rescale=req.guidance_rescale,
-                    job=job,
-                )
+            row_id = next(_ids)
+            self.rows[row_id] = RowTensors(
+                x=x.to(self.model.device),
+                sampler=sampler,
+                plan=plan,
+                generator=g,
+                cond=cond,
+                uncond=uncond,
+                guidance_scale=req.guidance_scale,
+                guidance_rescale=req.guidance_rescale,
             )
-        return rows
+            refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2))
+        return refs
 
-    def run(self, batch: StepBatch) -> StepResult:
+    def drop(self, ids: Sequence[int]) -> None:
+        for row_id in ids:
+            self.rows.pop(row_id, None)
+
+    def step(self, batch: StepBatch) -> StepResult:
+        """Advance every row of the batch by one step. On failure no row has changed (noise generators
+        included), so the rows can run again."""
         started = time.perf_counter()
-        self.forward(list(batch.rows), pad_to=batch.padded_to)
+        rows = [(self.rows[r.id], r.step) for r in batch.rows]
+        states = {id(t): t.generator.get_state() for t, i in rows if t.plan.draws_noise[i]}
+        try:
+            self._forward(rows, pad_to=batch.padded_to)
+        except BaseException:
+            for t, _ in rows:
+                if id(t) in states:
+                    t.generator.set_state(states[id(t)])
+            raise
         return StepResult(seconds=time.perf_counter() - started)
 
-    def generate_latents(self, req: GenerationRequest) -> torch.Tensor:
-        """One request's rows alone, run to the end: final latents (n, C, h, w). Tests and tools use it."""
-        rows = self.new_rows(req, *prompt_states(self.model, req))
-        while not rows[0].done:
-            self.forward(rows)
-            for r in rows:
-                r.step += 1
-        return torch.cat([r.x for r in rows])
-
-    def decode(self, rows: list[RowState]) -> tuple[np.ndarray, np.ndarray]:
+    def decode(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Finished rows → uint8 images (B, H, W, 3) decoded in one VAE batch, and (B,) bool: all finite."""
-        return self.model.decoder.decode(torch.cat([r.x for r in rows]))
+        return self.model.family.decode(torch.cat([self.rows[i].x for i in ids]))
 
-    def forward(self, rows: list[RowState], pad_to: int = 0) -> None:
-        """Advance every row by one denoising step (rows share a latent shape); rows updated in place."""
+    def _forward(self, rows: list[tuple[RowTensors, int]], pad_to: int = 0) -> None:
+        """One denoising step for rows of one latent shape; each row's tensors replaced once all have stepped."""
         device = self.model.device
         n = len(rows)
-        x = torch.cat([r.x for r in rows])  # (B, C, h, w)
-        t = to_device(torch.stack([r.plan.timesteps[r.step] for r in rows]), device)  # (B,)
-        divisor = to_device(torch.stack([r.plan.input_divisor[r.step] for r in rows]), device).view(-1, 1, 1, 1)
+        x = torch.cat([r.x for r, _ in rows])  # (B, C, h, w)
+        t = to_device(torch.stack([r.plan.timesteps[i] for r, i in rows]), device)  # (B,)
+        divisor = to_device(torch.stack([r.plan.input_divisor[i] for r, i in rows]), device).view(-1, 1, 1, 1)
         model_in = x / divisor
-        guided_rows = [i for i, r in enumerate(rows) if r.uncond is not None]
+        guided_rows = [j for j, (r, _) in enumerate(rows) if r.uncond is not None]
         uncond_index = torch.full((n,), -1, dtype=torch.long)
         uncond_index[guided_rows] = torch.arange(n, n + len(guided_rows))
         uncond_index = to_device(uncond_index, device)
         guided = to_device(torch.tensor(guided_rows, dtype=torch.long), device)  # index tensors live on the device
-        contexts = torch.stack([r.cond for r in rows] + [r.uncond for r in rows if r.uncond is not None])
-        w = to_device(torch.tensor([r.guidance_scale for r in rows], dtype=torch.float32), device)
-        inputs = (
-            torch.cat([model_in, model_in[guided]]),
-            torch.cat([t, t[guided]]),
-            contexts,
-            torch.cat([w, w[guided]]),
-        )
+        cond = Conditioning.cat([r.cond for r, _ in rows] + [r.uncond for r, _ in rows if r.uncond is not None])
+        w = to_device(torch.tensor([r.guidance_scale for r, _ in rows], dtype=torch.float32), device)
+        x_in, t_in, w_in = torch.cat([model_in, model_in[guided]]), torch.cat([t, t[guided]]), torch.cat([w, w[guided]])
         used = n + len(guided_rows)
         if pad_to > used:  # fixed batch shapes: repeat row 0, drop its outputs
-            pad = to_device(torch.zeros(pad_to - used, dtype=torch.long), device)
-            inputs = tuple(torch.cat([v, v[pad]]) for v in inputs)  # type: ignore[assignment]
-        out = self.model.denoiser(*inputs)[:used]
+            pad = to_device(torch.cat([torch.arange(used), torch.zeros(pad_to - used, dtype=torch.long)]), device)
+            x_in, t_in, w_in, cond = x_in[pad], t_in[pad], w_in[pad], cond.select(pad)
+        out = self.model.family.denoise(x_in, t_in, cond, w_in)[:used]
         phi = None
-        if any(r.guidance_rescale and r.uncond is not None for r in rows):
-            phi = to_device(torch.tensor([r.guidance_rescale for r in rows], dtype=torch.float32), device)
+        if any(r.guidance_rescale and r.uncond is not None for r, _ in rows):
+            phi = to_device(torch.tensor([r.guidance_rescale for r, _ in rows], dtype=torch.float32), device)
         prediction = apply_cfg(out, n, uncond_index, w, phi)
         by_sampler: dict[Sampler, list[int]] = defaultdict(list)
-        for i, r in enumerate(rows):
-            by_sampler[r.sampler].append(i)
-        updates: list[tuple[Sampler, list[RowState], StepOutput]] = []
+        for j, (r, _) in enumerate(rows):
+            by_sampler[r.sampler].append(j)
+        updates: list[tuple[Sampler, list[RowTensors], StepOutput]] = []
         for sampler, idx in by_sampler.items():
             if len(by_sampler) == 1:  # the common case: no gather at all
-                updates.append((sampler, rows, self._sampler_step(sampler, rows, x, prediction)))
+                updates.append((sampler, [r for r, _ in rows], self._sampler_step(sampler, rows, x, prediction)))
                 continue
             at = to_device(torch.tensor(idx, dtype=torch.long), device)
-            group = [rows[i] for i in idx]
-            updates.append((sampler, group, self._sampler_step(sampler, group, x[at], prediction[at])))
+            group = [rows[j] for j in idx]
+            updates.append((sampler, [r for r, _ in group], self._sampler_step(sampler, group, x[at], prediction[at])))
         # Rows change only once every group has stepped: a failure leaves them as they were, to be retried.
-        for sampler, group, result in updates:
-            for j, r in enumerate(group):
+        for sampler, tensors, result in updates:
+            for j, r in enumerate(tensors):
                 r.x = result.x_next[j : j + 1]
                 r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
 
-    def _sampler_step(self, sampler: Sampler, rows: list[RowState], x: torch.Tensor, out: torch.Tensor) -> StepOutput:
+    def _sampler_step(
+        self, sampler: Sampler, rows: list[tuple[RowTensors, int]], x: torch.Tensor, out: torch.Tensor
+    ) -> StepOutput:
         device = self.model.device
-        c = to_device(torch.stack([r.plan.coeffs[r.step] for r in rows]), device)  # (B, K)
+        c = to_device(torch.stack([r.plan.coeffs[i] for r, i in rows]), device)  # (B, K)
         previous = None
         if sampler.uses_history:
-            previous = torch.cat([r.previous if r.previous is not None else torch.zeros_like(r.x) for r in rows])
+            previous = torch.cat([r.previous if r.previous is not None else torch.zeros_like(r.x) for r, _ in rows])
         noise = None
-        if any(r.plan.draws_noise[r.step] for r in rows):
+        if any(r.plan.draws_noise[i] for r, i in rows):
             draws = [
                 torch.randn(r.x.shape, generator=r.generator, dtype=torch.float32)
-                if r.plan.draws_noise[r.step]
+                if r.plan.draws_noise[i]
                 else torch.zeros(r.x.shape)
-                for r in rows
+                for r, i in rows
             ]
             noise = to_device(torch.cat(draws), device)
         return sampler.step(x, out, c, previous, noise)

@@ -1,7 +1,7 @@
 """Which rows run at the next step: admission, batching policy and queue bounds.
 
-The scheduler decides, the runner executes, and a ``StepBatch`` passes between them (vLLM v1's
-schedule → execute → update). It never touches a model, so it is tested with hand-made rows.
+The scheduler decides, the runner executes, and a ``StepBatch`` of ``RowRef``s passes between them (vLLM v1's
+schedule → execute → update). It never touches a tensor or imports torch, so it is tested with hand-made refs.
 
 Policy:
 - A row costs 1 UNet row, or 2 when it runs CFG with an uncond row; a forward holds at most
@@ -25,7 +25,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Literal
 
-from imagegen.engine.request import Job, RowState
+from imagegen.engine.request import RowRef
 
 
 class QueueFull(Exception):
@@ -55,7 +55,7 @@ class SchedulerConfig:
 
 @dataclass(frozen=True)
 class StepBatch:
-    rows: tuple[RowState, ...]
+    rows: tuple[RowRef, ...]
     cost: int  # UNet rows, uncond rows included
     padded_to: int  # UNet rows after bucket padding (== cost without buckets)
 
@@ -68,11 +68,11 @@ class StepResult:
 @dataclass
 class Scheduler:
     config: SchedulerConfig = field(default_factory=SchedulerConfig)
-    waiting: deque[RowState] = field(default_factory=deque)
-    running: dict[tuple[int, ...], list[RowState]] = field(default_factory=dict)
+    waiting: deque[RowRef] = field(default_factory=deque)
+    running: dict[tuple[int, ...], list[RowRef]] = field(default_factory=dict)
     step_seconds: float | None = None  # EMA of measured step time, for Retry-After
     _turn: dict[tuple[int, ...], int] = field(default_factory=dict)
-    _last_ran: dict[int, int] = field(default_factory=dict)  # id(row) → step count when it last ran
+    _last_ran: dict[int, int] = field(default_factory=dict)  # row id → step count when it last ran
     _steps: int = 0
 
     # ---- queue -------------------------------------------------------------------------
@@ -84,41 +84,37 @@ class Scheduler:
     def running_rows(self) -> int:
         return sum(len(rows) for rows in self.running.values())
 
-    def check_capacity(self, images: int) -> None:
-        """Raise QueueFull when ``images`` more would exceed the queue bound (an empty queue takes any request)."""
-        if self.queued_images and self.queued_images + images > self.config.max_queued_images:
-            raise QueueFull(self.retry_after())
+    def enqueue(self, rows: list[RowRef]) -> None:
+        """Queue a job's rows (the engine has reserved their room against ``max_queued_images``)."""
+        self.waiting.extend(rows)
 
-    def add(self, job: Job) -> None:
-        self.check_capacity(len(job.rows))
-        self.waiting.extend(job.rows)
-
-    def remove(self, job: Job) -> int:
-        """Drop every row of ``job``, waiting or running; returns how many were dropped."""
-        before = self.queued_images + self.running_rows
-        self.waiting = deque(r for r in self.waiting if r.job is not job)
-        for r in job.rows:
-            self._last_ran.pop(id(r), None)
+    def remove(self, job: str) -> list[int]:
+        """Drop every row of job ``job``, waiting or running; returns their ids."""
+        dropped = [r.id for r in self.waiting if r.job == job]
+        dropped += [r.id for rows in self.running.values() for r in rows if r.job == job]
+        self.waiting = deque(r for r in self.waiting if r.job != job)
+        for row_id in dropped:
+            self._last_ran.pop(row_id, None)
         for group in list(self.running):
-            self.running[group] = [r for r in self.running[group] if r.job is not job]
+            self.running[group] = [r for r in self.running[group] if r.job != job]
             if not self.running[group]:
                 del self.running[group]
-        return before - self.queued_images - self.running_rows
+        return dropped
 
-    def queue_position(self, job: Job) -> int:
+    def queue_position(self, job: str) -> int:
         """Jobs with rows waiting ahead of this job's first waiting row (0: next, or already running)."""
-        ahead: set[int] = set()
+        ahead: set[str] = set()
         for row in self.waiting:
-            if row.job is job:
+            if row.job == job:
                 return len(ahead)
-            ahead.add(id(row.job))
+            ahead.add(row.job)
         return 0
 
     def retry_after(self) -> float:
         """Seconds until the queue has drained by one forward's worth, from the measured step time."""
         per_step = self.step_seconds or 1.0
-        pending = sum((r.plan.steps - r.step) * r.cost for r in self.waiting)
-        pending += sum((r.plan.steps - r.step) * r.cost for rows in self.running.values() for r in rows)
+        pending = sum((r.steps - r.step) * r.cost for r in self.waiting)
+        pending += sum((r.steps - r.step) * r.cost for rows in self.running.values() for r in rows)
         forwards = pending / self.config.max_rows_per_forward
         return max(1.0, math.ceil(forwards * per_step))
 
@@ -127,13 +123,13 @@ class Scheduler:
         budget = self.config.window
         used = {g: sum(r.cost for r in rows) for g, rows in self.running.items()}
         blocked: set[tuple[int, ...]] = set()
-        still_waiting: deque[RowState] = deque()
+        still_waiting: deque[RowRef] = deque()
         for row in self.waiting:
             g = row.group
             if g not in blocked and used.get(g, 0) + row.cost <= budget:
                 self.running.setdefault(g, []).append(row)
                 used[g] = used.get(g, 0) + row.cost
-                self._last_ran[id(row)] = self._steps
+                self._last_ran[row.id] = self._steps
             else:
                 blocked.add(g)
                 still_waiting.append(row)
@@ -153,26 +149,26 @@ class Scheduler:
             padded = buckets[min(bisect.bisect_left(buckets, cost), len(buckets) - 1)]
         return StepBatch(rows=rows, cost=cost, padded_to=max(padded, cost))
 
-    def _select(self, rows: list[RowState]) -> list[RowState]:
+    def _select(self, rows: list[RowRef]) -> list[RowRef]:
         """The rows of one group that fit a forward: fewest remaining steps minus steps waited first."""
         budget = self.config.max_rows_per_forward
         if sum(r.cost for r in rows) <= budget:
             return rows
 
-        def urgency(item: tuple[int, RowState]) -> tuple[int, int]:
+        def urgency(item: tuple[int, RowRef]) -> tuple[int, int]:
             order, r = item
-            waited = self._steps - self._last_ran.get(id(r), self._steps)
-            return (r.plan.steps - r.step - waited, order)
+            waited = self._steps - self._last_ran.get(r.id, self._steps)
+            return (r.steps - r.step - waited, order)
 
         chosen, used = [], 0
         for _, r in sorted(enumerate(rows), key=urgency):
             if used + r.cost <= budget:
                 chosen.append(r)
                 used += r.cost
-        keep = {id(r) for r in chosen}
-        return [r for r in rows if id(r) in keep]  # admission order inside the forward
+        keep = {r.id for r in chosen}
+        return [r for r in rows if r.id in keep]  # admission order inside the forward
 
-    def update(self, batch: StepBatch, result: StepResult) -> list[RowState]:
+    def update(self, batch: StepBatch, result: StepResult) -> list[RowRef]:
         """Advance the rows that ran; retire and return the rows that finished."""
         self._steps += 1
         self.step_seconds = (
@@ -181,17 +177,17 @@ class Scheduler:
         finished = []
         for row in batch.rows:
             row.step += 1
-            self._last_ran[id(row)] = self._steps
+            self._last_ran[row.id] = self._steps
             if row.done:
                 finished.append(row)
-                self._last_ran.pop(id(row), None)
+                self._last_ran.pop(row.id, None)
         if not batch.rows:
             return finished
         group = batch.rows[0].group
         self._turn[group] = self._steps
         if finished and group in self.running:
-            done = {id(r) for r in finished}
-            self.running[group] = [r for r in self.running[group] if id(r) not in done]
+            done = {r.id for r in finished}
+            self.running[group] = [r for r in self.running[group] if r.id not in done]
             if not self.running[group]:
                 del self.running[group]
         return finished

@@ -45,7 +45,7 @@ def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
     return GenerationRecord(
         model=req.model,
         prompt=req.prompt,
-        negative_prompt=req.negative_prompt,
+        negative_prompt=req.negative_prompt or "",
         sampler=req.sampler,
         steps=req.steps,
         guidance_scale=req.guidance_scale,

@@ -1,4 +1,4 @@
-"""Thin typed wrappers over the transformers / diffusers modules a model folder holds.
+"""Thin typed wrappers over the text encoders and VAEs the model families share.
 
 Latents stay float32 between steps whatever the model dtype: the sampler arithmetic is done in fp32
 and only the networks run in fp16/bf16 on a GPU.
@@ -10,10 +10,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
-
-from imagegen.samplers.guidance import guidance_embedding
 
 
 @dataclass(frozen=True, eq=False)
@@ -37,43 +35,6 @@ class TextEncoder:
         """The prompt as this encoder reads it: its tokenizer's round trip (normalised, without specials)."""
         ids = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
-
-
-@dataclass(frozen=True, eq=False)
-class Denoiser:
-    unet: UNet2DConditionModel
-
-    @property
-    def guidance_embedding_dim(self) -> int | None:
-        """Set for guidance-distilled (LCM) UNets: w enters as an embedding, not as an uncond row."""
-        dim = self.unet.config.time_cond_proj_dim
-        return int(dim) if dim else None
-
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
-
-    @property
-    def downsample_factor(self) -> int:
-        return int(2 ** (len(self.unet.config.block_out_channels) - 1))
-
-    @torch.inference_mode()
-    def __call__(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None
-    ) -> torch.Tensor:
-        """x (B, C, h, w) fp32, t (B,), context (B, L, D), guidance (B,) w for distilled UNets → (B, C, h, w) fp32."""
-        dtype, device = self.unet.dtype, self.unet.device
-        cond = None
-        if self.guidance_embedding_dim is not None and guidance is not None:
-            cond = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
-        out = self.unet(
-            x.to(device, dtype),
-            t.to(device),
-            encoder_hidden_states=context.to(device, dtype),
-            timestep_cond=cond,
-            return_dict=False,
-        )[0]
-        return out.to(torch.float32)
 
 
 @dataclass(frozen=True, eq=False)

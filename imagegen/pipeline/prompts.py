@@ -1,7 +1,7 @@
-"""Prompt → token states, through an LRU cache keyed by (model, text).
+"""Prompt → conditioning bundle, through an LRU cache keyed by (model, text).
 
-Product tools send the same prompts and, above all, the same empty negative prompt again and
-again; the cache saves a text-encoder pass for each of those.
+Product tools send the same prompts and, above all, the same empty negative prompt again and again; the cache
+saves the text encoders' passes (all of a family's encoders: the whole bundle is cached) for each of those.
 """
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ from __future__ import annotations
 import threading
 from collections import OrderedDict
 
-import torch
+from imagegen.pipeline.families import Conditioning, ModelFamily
 
-from imagegen.pipeline.components import TextEncoder
+Key = tuple[str, str | None]  # (model, text); None: an absent negative prompt
 
 
 class PromptCache:
@@ -19,12 +19,12 @@ class PromptCache:
         self.max_entries = max_entries
         self.hits = 0
         self.misses = 0
-        self._entries: OrderedDict[tuple[str, str], torch.Tensor] = OrderedDict()
+        self._entries: OrderedDict[Key, Conditioning] = OrderedDict()
         self._lock = threading.Lock()
 
-    def encode(self, model: str, encoder: TextEncoder, texts: list[str]) -> list[torch.Tensor]:
-        """Token states (L, D) for each text; only the misses go through the encoder, in one batch."""
-        found: dict[str, torch.Tensor] = {}
+    def encode(self, model: str, family: ModelFamily, texts: list[str | None]) -> list[Conditioning]:
+        """One-row conditioning for each text; only the misses go through the encoders, in one batch."""
+        found: dict[str | None, Conditioning] = {}
         with self._lock:
             for text in texts:
                 entry = self._entries.get((model, text))
@@ -33,11 +33,11 @@ class PromptCache:
                     found[text] = entry
         missing = list(dict.fromkeys(t for t in texts if t not in found))
         if missing:
-            states = encoder.encode(missing)
+            bundles = family.encode(missing).split()
             with self._lock:
-                for text, state in zip(missing, states, strict=True):
-                    found[text] = state
-                    self._entries[(model, text)] = state
+                for text, bundle in zip(missing, bundles, strict=True):
+                    found[text] = bundle
+                    self._entries[(model, text)] = bundle
                     while len(self._entries) > self.max_entries:
                         self._entries.popitem(last=False)
         with self._lock:

@@ -195,7 +195,7 @@ class FlowSchedule:
                 shifted = mu / (mu + (1 / base - 1))
         else:
             shifted = self.shift * base / (1 + (self.shift - 1) * base)
-        if self.shift_terminal:
+        if self.shift_terminal and shifted[-1] < 1:  # (a single step at σ = 1 has nothing to stretch)
             one_minus = 1 - shifted
             shifted = 1 - one_minus / (one_minus[-1] / (1 - self.shift_terminal))
         return np.asarray(shifted, dtype=np.float32)

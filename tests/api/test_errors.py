@@ -24,7 +24,13 @@ def assert_error(r, status: int, code: str, param: str | None) -> None:  # type:
         ({"n": 11}, 400, "invalid_n", "n"),
         ({"num_inference_steps": 0}, 400, "invalid_steps", "num_inference_steps"),
         ({"num_inference_steps": 151}, 400, "invalid_steps", "num_inference_steps"),
-        ({"sampler": "lcm", "num_inference_steps": 51}, 400, "invalid_steps", "num_inference_steps"),
+        (
+            {"model": "tiny-lcm", "sampler": "lcm", "num_inference_steps": 51},
+            400,
+            "invalid_steps",
+            "num_inference_steps",
+        ),
+        ({"sampler": "lcm"}, 400, "unsupported_sampler", "sampler"),  # tiny-eps is not consistency-distilled
         ({"guidance_scale": -0.5}, 400, "invalid_guidance_scale", "guidance_scale"),
         ({"guidance_scale": 30.5}, 400, "invalid_guidance_scale", "guidance_scale"),
         ({"size": "big"}, 400, "invalid_size", "size"),

@@ -3,12 +3,14 @@ forward or a decode fails alone, not with every request it was batched with."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import io
 import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -23,10 +25,11 @@ from imagegen.engine.scheduler import SchedulerConfig
 from imagegen.gate.gate import Gate, Screening
 from imagegen.gate.policy import Policy, Use
 from imagegen.main import create_app
-from imagegen.pipeline.components import Decoder, Denoiser
-from imagegen.pipeline.loading import LoadedModel, load_model
+from imagegen.pipeline.families import ModelFamily
+from imagegen.pipeline.loading import LoadedModel, load_model, resolve_placement
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.samplers.dpmpp import DPMSolverPP2M
+from imagegen.samplers.schedules import NoiseSchedule
 from imagegen.settings import Settings
 from tests.helpers import wait_ready
 from tests.tiny_models import SD15_SCHEDULER, build_tiny_model
@@ -80,24 +83,34 @@ def test_a_non_finite_image_fails_its_job_and_is_never_released(nan_client: Test
 # ---- blast radius -----------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PoisonedDenoiser(Denoiser):
+def with_family(model: LoadedModel, **parts: Any) -> LoadedModel:
+    """The model with some of its family's parts replaced (the rest shared)."""
+    family = copy.copy(model.family)
+    for name, part in parts.items():
+        setattr(family, name, part)
+    return dataclasses.replace(model, family=family)
+
+
+def poisoned_denoise(family: ModelFamily) -> Any:
     """Fails any forward that holds a row with the poisoned guidance scale."""
 
-    def __call__(self, x, t, context, guidance):  # type: ignore[no-untyped-def]
+    def denoise(x: torch.Tensor, t: torch.Tensor, cond: Any, guidance: torch.Tensor | None) -> torch.Tensor:
         if guidance is not None and bool((guidance == POISON).any()):
             raise RuntimeError("poisoned row")
-        return super().__call__(x, t, context, guidance)
+        return family.denoise(x, t, cond, guidance)
+
+    return denoise
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class PoisonedDecoder(Decoder):
+def poisoned_decode(family: ModelFamily) -> Any:
     """Fails any decode of three or more images: the poisoned request asks for three."""
 
-    def decode(self, latents):  # type: ignore[no-untyped-def]
+    def decode(latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         if latents.shape[0] >= 3:
             raise RuntimeError("poisoned decode")
-        return super().decode(latents)
+        return family.decode(latents)
+
+    return decode
 
 
 def request(guidance: float, seed: int, n: int = 1) -> GenerationRequest:
@@ -110,7 +123,7 @@ def request(guidance: float, seed: int, n: int = 1) -> GenerationRequest:
 
 @pytest.fixture(scope="module")
 def model(tiny_models_dir: Path) -> LoadedModel:
-    return load_model(tiny_models_dir / "tiny-eps", torch.device("cpu"), torch.float32)
+    return load_model(tiny_models_dir / "tiny-eps", resolve_placement("cpu", "float32"))
 
 
 def run_together(model: LoadedModel, requests: list[GenerationRequest]) -> list[GenerationResult | Exception]:
@@ -140,7 +153,7 @@ def pixels(result: GenerationResult | Exception) -> list[np.ndarray]:
 def test_a_failing_forward_fails_only_the_request_that_causes_it(model: LoadedModel) -> None:
     healthy = [request(3.0, seed=1), request(2.0, seed=2, n=2)]
     solo = run_together(model, healthy)
-    poisoned = dataclasses.replace(model, denoiser=PoisonedDenoiser(model.denoiser.unet))
+    poisoned = with_family(model, denoise=poisoned_denoise(model.family))
     results = run_together(poisoned, [healthy[0], request(POISON, seed=3), healthy[1]])
     assert isinstance(results[1], RuntimeError) and "poisoned row" in str(results[1])
     for alone, batched in zip(solo, [results[0], results[2]], strict=True):
@@ -149,7 +162,7 @@ def test_a_failing_forward_fails_only_the_request_that_causes_it(model: LoadedMo
 
 
 def test_a_failing_decode_fails_only_the_request_that_causes_it(model: LoadedModel) -> None:
-    poisoned = dataclasses.replace(model, decoder=PoisonedDecoder(model.decoder.vae))
+    poisoned = with_family(model, decode=poisoned_decode(model.family))
     results = run_together(poisoned, [request(3.0, seed=1), request(3.0, seed=3, n=3), request(1.0, seed=2)])
     assert isinstance(results[1], RuntimeError) and "poisoned decode" in str(results[1])
     assert len(pixels(results[0])) == 1 and len(pixels(results[2])) == 1
@@ -205,7 +218,9 @@ def test_a_retried_step_draws_the_same_noise(model: LoadedModel) -> None:
     must draw that noise again from where they were, or their image would not be the one their seed makes."""
     ancestral = dataclasses.replace(request(3.0, seed=5), sampler="euler_a")
     (alone,) = run_together(model, [ancestral])
-    poisoned = dataclasses.replace(model, samplers={**model.samplers, "dpmpp_2m": PoisonedDPM(model.schedule)})
+    family = model.family
+    assert isinstance(family.schedule, NoiseSchedule)
+    poisoned = with_family(model, samplers={**family.samplers, "dpmpp_2m": PoisonedDPM(family.schedule)})
     together = run_together(poisoned, [ancestral, dataclasses.replace(request(3.0, seed=6), sampler="dpmpp_2m")])
     assert isinstance(together[1], RuntimeError) and "poisoned sampler" in str(together[1])
     for a, b in zip(pixels(alone), pixels(together[0]), strict=True):

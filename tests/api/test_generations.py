@@ -80,8 +80,17 @@ def test_image_i_uses_seed_plus_i(client: TestClient) -> None:
 
 @pytest.mark.parametrize("sampler", ["ddim", "euler", "euler_a", "dpmpp_2m", "lcm"])
 def test_every_sampler_serves(client: TestClient, sampler: str) -> None:
-    body = generate(client, sampler=sampler, seed=3)
+    model = "tiny-lcm" if sampler == "lcm" else "tiny-eps"
+    body = generate(client, model=model, sampler=sampler, seed=3)
     assert body["data"][0]["generation"]["sampler"] == sampler
+
+
+def test_models_list_their_family_and_samplers(client: TestClient) -> None:
+    models = {m["id"]: m for m in client.get("/v1/models").json()["data"]}
+    assert models["tiny-eps"]["family"] == "sd" and models["tiny-eps"]["guidance"] == "cfg"
+    assert models["tiny-eps"]["samplers"] == ["ddim", "dpmpp_2m", "euler", "euler_a"]
+    assert models["tiny-lcm"]["samplers"] == ["ddim", "dpmpp_2m", "euler", "euler_a", "lcm"]
+    assert models["tiny-lcm"]["guidance"] == "embedded" and models["tiny-lcm"]["defaults"]["sampler"] == "lcm"
 
 
 def test_distilled_model_defaults_to_lcm(client: TestClient) -> None:

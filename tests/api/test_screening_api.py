@@ -50,7 +50,7 @@ def post(served: Served, prompt: str) -> dict:
 
 def test_the_served_tokenizer_is_the_real_one(served: Served) -> None:
     client, model = served
-    tokenizer = client.app.state.services.models[model].text_encoder.tokenizer  # type: ignore[attr-defined]
+    tokenizer = client.app.state.services.models[model].family.text_encoder.tokenizer  # type: ignore[attr-defined]
     assert tokenizer("a photo of a cat")["input_ids"] == CAT_IDS[model]
 
 

@@ -17,8 +17,9 @@ from diffusers import (
 )
 
 from imagegen.engine.request import GenerationRequest, OutputSpec
-from imagegen.engine.runner import Runner
-from imagegen.pipeline.loading import LoadedModel, load_model
+from imagegen.pipeline.families.sd import StableDiffusion
+from imagegen.pipeline.loading import LoadedModel, load_model, resolve_placement
+from tests.engine_run import run_engine
 
 TOLERANCE = 1e-4
 SCHEDULERS = {
@@ -33,8 +34,13 @@ SEED = 1234
 
 @pytest.fixture(scope="module")
 def loaded(tiny_models_dir: Path) -> dict[str, LoadedModel]:
-    cpu = torch.device("cpu")
-    return {name: load_model(tiny_models_dir / name, cpu, torch.float32) for name in ("tiny-eps", "tiny-v", "tiny-lcm")}
+    cpu = resolve_placement("cpu", "float32")
+    return {name: load_model(tiny_models_dir / name, cpu) for name in ("tiny-eps", "tiny-v", "tiny-lcm")}
+
+
+def ours(model: LoadedModel, *requests: GenerationRequest) -> list[torch.Tensor]:
+    """Final latents of each request, run together through the engine."""
+    return [o.latents for o in run_engine(model, requests).outcomes]
 
 
 def request(
@@ -58,17 +64,19 @@ def request(
 
 
 def diffusers_latents(model: LoadedModel, scheduler: object, req: GenerationRequest) -> torch.Tensor:
+    family = model.family
+    assert isinstance(family, StableDiffusion)
     parts = dict(
-        vae=model.decoder.vae,
-        text_encoder=model.text_encoder.model,
-        tokenizer=model.text_encoder.tokenizer,
-        unet=model.denoiser.unet,
+        vae=family.decoder.vae,
+        text_encoder=family.text_encoder.model,
+        tokenizer=family.text_encoder.tokenizer,
+        unet=family.unet,
         scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         requires_safety_checker=False,
     )
-    cls = LatentConsistencyModelPipeline if model.distilled else StableDiffusionPipeline
+    cls = LatentConsistencyModelPipeline if family.guidance == "embedded" else StableDiffusionPipeline
     pipe = cls(**parts)
     pipe.set_progress_bar_config(disable=True)
     kwargs = {"eta": req.eta, "guidance_rescale": req.guidance_rescale} if cls is StableDiffusionPipeline else {}
@@ -98,31 +106,30 @@ def scheduler_for(model: LoadedModel, name: str) -> object:
 def test_matches_diffusers(loaded: dict[str, LoadedModel], model_name: str, sampler: str, steps: int) -> None:
     model = loaded[model_name]
     req = request(model_name, sampler, steps, guidance=3.0)
-    ours = Runner(model).generate_latents(req)
+    (latents,) = ours(model, req)
     theirs = diffusers_latents(model, scheduler_for(model, sampler), req)
-    assert ours.shape == theirs.shape == (2, 4, 8, 8)
-    assert ours.abs().max() > 0.05  # a real result, not zeros
-    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    assert latents.shape == theirs.shape == (2, 4, 8, 8)
+    assert latents.abs().max() > 0.05  # a real result, not zeros
+    assert (latents - theirs).abs().max().item() <= TOLERANCE
 
 
 def test_ddim_with_eta_matches_diffusers(loaded: dict[str, LoadedModel]) -> None:
     model = loaded["tiny-eps"]
     req = request("tiny-eps", "ddim", 10, guidance=2.0, eta=0.7)
-    ours = Runner(model).generate_latents(req)
+    latents, plain = ours(model, req, request("tiny-eps", "ddim", 10, 2.0))
     theirs = diffusers_latents(model, scheduler_for(model, "ddim"), req)
-    assert (ours - theirs).abs().max().item() <= TOLERANCE
-    assert (ours - Runner(model).generate_latents(request("tiny-eps", "ddim", 10, 2.0))).abs().max() > 1e-3
+    assert (latents - theirs).abs().max().item() <= TOLERANCE
+    assert (latents - plain).abs().max() > 1e-3
 
 
 @pytest.mark.parametrize("model_name", ["tiny-eps", "tiny-v"])
 def test_guidance_rescale_matches_diffusers(loaded: dict[str, LoadedModel], model_name: str) -> None:
     model = loaded[model_name]
     req = request(model_name, "ddim", 10, guidance=6.0, rescale=0.7)
-    ours = Runner(model).generate_latents(req)
+    latents, plain = ours(model, req, request(model_name, "ddim", 10, guidance=6.0))
     theirs = diffusers_latents(model, scheduler_for(model, "ddim"), req)
-    assert (ours - theirs).abs().max().item() <= TOLERANCE
-    plain = Runner(model).generate_latents(request(model_name, "ddim", 10, guidance=6.0))
-    assert (ours - plain).abs().max() > 1e-3  # φ changed the result
+    assert (latents - theirs).abs().max().item() <= TOLERANCE
+    assert (latents - plain).abs().max() > 1e-3  # φ changed the result
 
 
 @pytest.mark.parametrize("steps", [1, 2, 4, 8])
@@ -131,15 +138,13 @@ def test_lcm_with_guidance_embedding_matches_diffusers(
     loaded: dict[str, LoadedModel], steps: int, guidance: float
 ) -> None:
     model = loaded["tiny-lcm"]
-    assert model.distilled and model.defaults.sampler == "lcm"
+    assert model.family.guidance == "embedded" and model.defaults.sampler == "lcm"
     req = request("tiny-lcm", "lcm", steps, guidance)
-    ours = Runner(model).generate_latents(req)
+    (latents,) = ours(model, req)
     theirs = diffusers_latents(model, scheduler_for(model, "lcm"), req)
-    assert (ours - theirs).abs().max().item() <= TOLERANCE
+    assert (latents - theirs).abs().max().item() <= TOLERANCE
 
 
 def test_guidance_embedding_changes_lcm_output(loaded: dict[str, LoadedModel]) -> None:
-    runner = Runner(loaded["tiny-lcm"])
-    a = runner.generate_latents(request("tiny-lcm", "lcm", 4, 1.0))
-    b = runner.generate_latents(request("tiny-lcm", "lcm", 4, 8.0))
+    a, b = ours(loaded["tiny-lcm"], request("tiny-lcm", "lcm", 4, 1.0), request("tiny-lcm", "lcm", 4, 8.0))
     assert (a - b).abs().max() > 1e-3

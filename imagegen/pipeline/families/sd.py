@@ -1,0 +1,116 @@
+"""Stable Diffusion 1.x / 2.x: one text encoder (CLIP, or any BERT-like encoder), a UNet, a VAE; VP schedule
+with ε-, v- or x0-prediction; CFG with an uncond row, or LCM's guidance embedding on a distilled UNet."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, UNet2DConditionModel
+from transformers import AutoModel, AutoTokenizer, CLIPTextModel
+
+from imagegen.pipeline.components import Decoder, TextEncoder
+from imagegen.pipeline.families.base import (
+    Conditioning,
+    FamilyDefaults,
+    ModelFamily,
+    Placement,
+    default_sampler,
+    vp_samplers,
+)
+from imagegen.pipeline.folders import load_module, read_json, resolve_component
+from imagegen.samplers.guidance import guidance_embedding
+from imagegen.samplers.schedules import NoiseSchedule
+
+
+def load_text_encoder(folder: Path, device: torch.device, dtype: torch.dtype, tokenizer: str = "tokenizer",
+                      encoder: str = "text_encoder") -> TextEncoder:  # fmt: skip
+    tokenizer_dir, _ = resolve_component(folder / tokenizer)
+    encoder_dir, ref = resolve_component(folder / encoder)
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
+    config = read_json(encoder_dir / "config.json")
+    is_clip = "CLIPTextModel" in config.get("architectures", []) or config.get("model_type") == "clip_text_model"
+    cls: Any = CLIPTextModel if is_clip else AutoModel  # AutoModel picks the class from the config
+    model = load_module(cls, encoder_dir, device, dtype)
+    limit = int(ref.get("max_length", config.get("max_position_embeddings", 77)))
+    use_mask = bool(config.get("use_attention_mask", not is_clip))
+    return TextEncoder(tokenizer=tok, model=model, max_length=min(int(tok.model_max_length), limit),
+                       use_attention_mask=use_mask)  # fmt: skip
+
+
+def unet_downsample(unet: UNet2DConditionModel) -> int:
+    return int(2 ** (len(unet.config.block_out_channels) - 1))
+
+
+class StableDiffusion(ModelFamily):
+    name = "sd"
+    pipelines = frozenset({"StableDiffusionPipeline", "LatentConsistencyModelPipeline"})
+
+    def __init__(
+        self, text_encoder: TextEncoder, unet: UNet2DConditionModel, decoder: Decoder, schedule: NoiseSchedule,
+        distilled: bool, placement: Placement,
+    ) -> None:  # fmt: skip
+        self.text_encoder = text_encoder
+        self.unet = unet
+        self.decoder = decoder
+        self.schedule = schedule
+        self.placement = placement
+        dim = unet.config.time_cond_proj_dim
+        self.guidance_embedding_dim = int(dim) if dim else None  # LCM: w enters as an embedding
+        self.guidance = "embedded" if distilled else "cfg"
+        self.samplers = vp_samplers(schedule, distilled)
+
+    @classmethod
+    def load(cls, folder: Path, index: Mapping[str, Any], placement: Placement) -> StableDiffusion:
+        scheduler_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
+        unet = load_module(UNet2DConditionModel, folder / "unet", placement.device, placement.dtype)
+        vae = load_module(AutoencoderKL, folder / "vae", placement.device, placement.dtype)
+        encoder = load_text_encoder(folder, placement.encoder_device, placement.encoder_dtype)
+        distilled = bool(unet.config.time_cond_proj_dim) or scheduler_cfg.get("_class_name") == "LCMScheduler"
+        return cls(encoder, unet, Decoder(vae), NoiseSchedule.from_config(scheduler_cfg), distilled, placement)
+
+    def defaults(self, scheduler_class: str) -> FamilyDefaults:
+        distilled = self.guidance == "embedded"
+        fallback = "lcm" if distilled else "ddim"
+        side = int(self.unet.config.sample_size) * self.decoder.scale_factor
+        return FamilyDefaults(
+            sampler="lcm" if distilled else default_sampler(scheduler_class, self.samplers, fallback),
+            steps=4 if distilled else 25,
+            guidance_scale=8.0 if distilled else 7.5,
+            width=side,
+            height=side,
+        )
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.decoder.scale_factor * unet_downsample(self.unet)
+
+    def encode(self, prompts: Sequence[str | None]) -> Conditioning:
+        states = self.text_encoder.encode([p or "" for p in prompts])  # SD encodes an absent negative as ""
+        return Conditioning({"context": states.to(self.placement.device)})
+
+    def read_back(self, prompt: str) -> list[str]:
+        return [self.text_encoder.read_back(prompt)]
+
+    @torch.inference_mode()
+    def denoise(
+        self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None
+    ) -> torch.Tensor:
+        dtype, device = self.unet.dtype, self.unet.device
+        w_embedding = None
+        if self.guidance_embedding_dim is not None and guidance is not None:
+            w_embedding = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
+        out = self.unet(
+            x.to(device, dtype),
+            t.to(device),
+            encoder_hidden_states=cond["context"].to(device, dtype),
+            timestep_cond=w_embedding,
+            return_dict=False,
+        )[0]
+        return out.to(torch.float32)
