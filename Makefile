@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed-stamp
 
-.PHONY: venv serve test lint format bench recipe clean
+.PHONY: venv serve test lint format bench bench-families recipe clean
 
 venv: $(STAMP)
 
@@ -40,6 +40,10 @@ clean:
 
 bench: $(STAMP)
 	$(PY) -m bench --out docs/benchmarks.md
+	$(PY) -m bench.families --out docs/benchmarks.md
+
+bench-families: $(STAMP)
+	$(PY) -m bench.families --out docs/benchmarks.md
 
 recipe: $(STAMP)
 	$(PY) -m models.recipes all

@@ -42,8 +42,9 @@ def load_clip(folder: Path, tokenizer: str, encoder: str, cls: type[CLIPTextMode
     tokenizer_dir, _ = resolve_component(folder / tokenizer)
     tok = AutoTokenizer.from_pretrained(tokenizer_dir, local_files_only=True)
     model = load_module(cls, folder / encoder, device, dtype)
-    # diffusers pads and truncates to the tokenizer's model_max_length (77)
-    return TextEncoder(tokenizer=tok, model=model, max_length=int(tok.model_max_length), use_attention_mask=False)
+    # diffusers pads and truncates to the tokenizer's model_max_length (77), which the positions bound
+    limit = min(int(tok.model_max_length), int(model.config.max_position_embeddings))
+    return TextEncoder(tokenizer=tok, model=model, max_length=limit, use_attention_mask=False)
 
 
 @torch.inference_mode()
@@ -121,7 +122,7 @@ class StableDiffusionXL(ModelFamily):
         texts = [p or "" for p in prompts]
         states_1, _ = clip_states(self.text_encoder, texts)
         states_2, pooled = clip_states(self.text_encoder_2, texts)
-        states = torch.cat([states_1, states_2.to(states_1.device)], dim=-1).to(device)
+        states = torch.cat([states_1, states_2], dim=-1).to(device)
         pooled = pooled.to(device)
         if self.force_zeros_for_empty_prompt and None in prompts:
             absent = torch.tensor([p is None for p in prompts], device=device)
