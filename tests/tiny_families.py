@@ -3,34 +3,28 @@
 Same classes, subfolders and config keys as the real checkpoints (stable-diffusion-xl-base-1.0,
 stable-diffusion-3-medium-diffusers, FLUX.1-dev / FLUX.1-schnell), only the dimensions shrunk, so the service
 loads them through the code path the real ones take. Every CLIP slot holds the real CLIP BPE tokenizer (49408 ids,
-context 77; its embedding table is most of each folder's ~10-16 MB), every T5 slot a small Unigram tokenizer
-trained here with T5's special tokens. All VAEs have 2 blocks (vae_scale_factor 2): 32×32 pixels are 16×16 latents.
+context 77; its embedding tables are most of each folder: Flux ~10 MB, SDXL and SD3 ~20 MB), every T5 slot a small
+Unigram tokenizer trained here with T5's special tokens. All VAEs have 2 blocks (vae_scale_factor 2): 32×32 pixels
+are 16×16 latents.
 """
 
 from __future__ import annotations
 
+import atexit
 import copy
+import functools
 import json
+import shutil
 import string
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import (
-    AutoencoderKL,
-    FluxTransformer2DModel,
-    SD3Transformer2DModel,
-    UNet2DConditionModel,
-)
+from diffusers import AutoencoderKL, FluxTransformer2DModel, SD3Transformer2DModel, UNet2DConditionModel
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-from transformers import (
-    CLIPTextConfig,
-    CLIPTextModel,
-    CLIPTextModelWithProjection,
-    T5Config,
-    T5EncoderModel,
-    T5TokenizerFast,
-)
+from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import T5Tokenizer as T5TokenizerFast  # transformers 5: one class, mypy can't see the alias
 
 from tests.tiny_models import CORPUS
 from tests.tokenizers import clip_tokenizer
@@ -53,7 +47,7 @@ CLIP_G: dict[str, Any] = {
     "num_attention_heads": 4,
     "hidden_act": "gelu",
 }
-# T5 v1.1 XXL (d_model 4096, gated-gelu, untied, no bias), shrunk. SD3 pads the concatenated CLIP states
+# T5 v1.1 XXL's encoder (d_model 4096, gated-gelu), shrunk. SD3 pads the concatenated CLIP states
 # (32 + 48 = 80) up to this width, so it must be wider: 96.
 T5_D_MODEL = 96
 T5_MAX_TOKENS = 512  # the T5 tokenizers' model_max_length in SD3 and Flux
@@ -98,14 +92,21 @@ FLUX_DEV_SCHEDULER: dict[str, Any] = {  # FLUX.1-dev: the shift follows the imag
 FLUX_SCHNELL_SCHEDULER: dict[str, Any] = {**FLUX_DEV_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
 
 
-def t5_tokenizer() -> T5TokenizerFast:
-    """A T5-shaped Unigram tokenizer (<pad> 0, </s> 1, <unk> 2, appended </s>, 100 sentinels) trained on captions.
+def _t5_pre_tokenizer() -> pre_tokenizers.PreTokenizer:
+    return pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
+        ]
+    )
 
-    The trainer's scores vary in the last bits from run to run, and it ranks the characters it pruned in hash order,
-    which moves ids and can flip a segmentation; rounded, the pruned characters given one score, and sorted, they
-    give the same ids in every process. The backend is built as ``T5Tokenizer.__init__`` rebuilds it
-    on load (no normalizer: T5's is a precompiled SentencePiece charsmap we cannot make offline), so save/load keeps
-    the ids. Printable ASCII is in the alphabet, anything else is <unk>. A few ms, hence no cache.
+
+def t5_tokenizer() -> T5TokenizerFast:
+    """T5's shape (<pad> 0, </s> 1, <unk> 2, </s> appended, 100 sentinels) on a Unigram model trained on captions.
+
+    The backend is the one ``T5Tokenizer`` rebuilds on load (Metaspace; no normalizer, as T5's precompiled
+    SentencePiece charsmap can't be made offline), so save/load keeps the ids. Printable ASCII is in the alphabet,
+    anything else is <unk>. Trained afresh on each call (a few ms), with the same ids in every process.
     """
     specials = ["<pad>", "</s>", "<unk>"]
     trainer = trainers.UnigramTrainer(
@@ -116,22 +117,19 @@ def t5_tokenizer() -> T5TokenizerFast:
         show_progress=False,
     )
     trained = Tokenizer(models.Unigram())
-    trained.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True)
+    trained.pre_tokenizer = _t5_pre_tokenizer()
     trained.train_from_iterator(T5_CORPUS, trainer)
+    # The trainer's scores vary in their last bits from run to run, and the characters it pruned come back scored
+    # min_score + 0.0001·k with k in hash order: either moves ids or flips segmentations. So those characters get one
+    # score, every score is rounded, and the pieces are sorted.
     raw = {p: score for p, score in json.loads(trained.to_str())["model"]["vocab"] if p not in specials}
-    # The characters the trainer had pruned come back scored min_score + 0.0001·k, k in hash order: one score each.
     low = min(raw.values())
     steps = {p: (score - low) / 1e-4 for p, score in raw.items()}
     pruned = {p for p, k in steps.items() if k < len(raw) and abs(k - round(k)) < 1e-3}
     scores = {p: round(low if p in pruned else score, 4) for p, score in raw.items()}
     pieces = sorted(scores, key=lambda p: (-scores[p], p))
     tok = Tokenizer(models.Unigram([(p, 0.0) for p in specials] + [(p, scores[p]) for p in pieces], unk_id=2))
-    tok.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.WhitespaceSplit(),
-            pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="always", split=True),
-        ]
-    )
+    tok.pre_tokenizer = _t5_pre_tokenizer()
     tok.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="always", split=True)
     tok.post_processor = processors.TemplateProcessing(
         single="$A </s>", pair="$A </s> $B </s>", special_tokens=[("</s>", tok.token_to_id("</s>"))]
@@ -146,6 +144,16 @@ def t5_tokenizer() -> T5TokenizerFast:
     )
 
 
+@functools.cache
+def _clip_source() -> Path:
+    """A folder holding clip_tokenizer's vocab.json and merges.txt, made once a process: clip_tokenizer caches one
+    tokenizer per folder (~9 MB each), so building every slot from its own folder would pile them up."""
+    folder = Path(tempfile.mkdtemp(prefix="tiny-clip-"))
+    atexit.register(shutil.rmtree, folder, True)
+    clip_tokenizer(folder)
+    return folder
+
+
 def _clip(
     folder: Path, tower: dict[str, Any], *, projection: bool, pad_token: str | None = None
 ) -> CLIPTextModel | CLIPTextModelWithProjection:
@@ -155,13 +163,15 @@ def _clip(
     it also loads ~6x faster, 0.06 s against 0.4 s). ``pad_token="!"``: the OpenCLIP-G tokenizers of SDXL and SD3
     pad with "!" (id 0) and make it special, so "!!" reads as two pads, as diffusers does with the real ones.
     """
-    tokenizer = clip_tokenizer(folder)
+    source = _clip_source()
+    tokenizer = clip_tokenizer(source)
     if pad_token is not None:  # a copy: clip_tokenizer's result is cached and shared
         tokenizer = copy.deepcopy(tokenizer)
         tokenizer.add_special_tokens({"pad_token": pad_token})
     tokenizer.save_pretrained(folder)
-    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():  # written by clip_tokenizer
-        (folder / "tokenizer.json").unlink()
+    (folder / "tokenizer.json").unlink()
+    for name in ("vocab.json", "merges.txt"):
+        shutil.copyfile(source / name, folder / name)
     config = CLIPTextConfig(
         vocab_size=len(tokenizer),
         num_hidden_layers=2,
@@ -190,10 +200,8 @@ def _t5_encoder(vocab: int) -> T5EncoderModel:
             relative_attention_max_distance=128,
             feed_forward_proj="gated-gelu",
             layer_norm_epsilon=1e-6,
-            tie_word_embeddings=False,
             pad_token_id=0,
             eos_token_id=1,
-            decoder_start_token_id=0,
         )
     )
 
@@ -247,7 +255,8 @@ def build_tiny_sdxl(
 ) -> Path:
     """Write a random-weight StableDiffusionXLPipeline folder (two CLIP towers, text_time UNet) and return it.
 
-    32×32 px (16×16 latents) is the UNet's default sample size; sizes must be multiples of 4 (2 UNet levels).
+    32×32 px (16×16 latents) is the default size; sizes must be multiples of 8, the pipeline's fixed check (the
+    UNet alone would take multiples of 4).
     """
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)
@@ -306,8 +315,10 @@ def build_tiny_sd3(
 ) -> Path:
     """Write a random-weight StableDiffusion3Pipeline folder (CLIP-L, CLIP-G, T5, MMDiT) and return it.
 
-    ``with_t5=False`` leaves the T5 slot empty in model_index.json, as SD3 allows (its prompt embeddings are then
-    zeros). 32×32 px is the default; sizes must be multiples of 4 (vae 2 × patch 2), at most 128 px (pos_embed).
+    ``with_t5=False`` writes the T5 slot as ``[null, null]``, as ``save_pretrained`` does for a pipeline loaded with
+    ``text_encoder_3=None, tokenizer_3=None`` (the T5 half of the prompt embedding is then zeros); diffusers loads
+    such a folder only when those two are passed as None again. 32×32 px is the default; sizes must be multiples
+    of 4 (vae 2 × patch 2), at most 128 px (pos_embed_max_size).
     """
     torch.manual_seed(seed)
     folder.mkdir(parents=True, exist_ok=True)

@@ -7,6 +7,7 @@ and only the networks run in fp16/bf16 on a GPU.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -21,15 +22,31 @@ class TextEncoder:
     max_length: int
     use_attention_mask: bool  # CLIP as in SD: no mask; BERT-like encoders were trained with one
 
-    @torch.inference_mode()
-    def encode(self, prompts: list[str]) -> torch.Tensor:
-        """Token-level states (B, L, D), padded to ``max_length`` as Stable Diffusion pipelines do."""
+    def _run(self, prompts: list[str], **kwargs: bool) -> Any:
+        """The encoder over prompts padded to ``max_length``, as the diffusers pipelines pad them."""
         tokens = self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
         device = self.model.device
         mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
-        return self.model(tokens.input_ids.to(device), attention_mask=mask)[0]
+        return self.model(tokens.input_ids.to(device), attention_mask=mask, **kwargs)
+
+    @torch.inference_mode()
+    def encode(self, prompts: list[str]) -> torch.Tensor:
+        """Token-level states (B, L, D): the last hidden states."""
+        return self._run(prompts)[0]
+
+    @torch.inference_mode()
+    def penultimate_and_first(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """SDXL's and SD3's reading of a CLIP tower: the penultimate hidden states (B, L, D) and the first
+        output — a CLIPTextModelWithProjection's projected pooled embedding (B, P)."""
+        out = self._run(prompts, output_hidden_states=True)
+        return out.hidden_states[-2], out[0]
+
+    @torch.inference_mode()
+    def pooled(self, prompts: list[str]) -> torch.Tensor:
+        """CLIPTextModel's ``pooler_output`` (B, D): the state at the end token (Flux's pooled conditioning)."""
+        return self._run(prompts).pooler_output
 
     def read_back(self, prompt: str) -> str:
         """The prompt as this encoder reads it: its tokenizer's round trip (normalised, without specials)."""

@@ -1,19 +1,22 @@
 """The seams hold by construction: the engine hands finished pixels to the gate and never touches a store,
-the policy or the release itself; outside the gate nothing calls ``release()``."""
+the policy or the release itself; outside the gate nothing calls ``release()``; nothing above the pipeline
+names a model family."""
 
 from __future__ import annotations
 
 import ast
 from pathlib import Path
 
-APP = Path(__file__).resolve().parents[2] / "app"
+PACKAGE = Path(__file__).resolve().parents[2] / "imagegen"
 RELEASE = {("imagegen.gate", "release"), ("imagegen.gate.release", "release")}
 
 
 def imported(folder: str) -> dict[str, set[tuple[str, str]]]:
     """Module file → (module, name) of every import in it (name "" for ``import module``), at any depth."""
     found: dict[str, set[tuple[str, str]]] = {}
-    for path in sorted((APP / folder).glob("*.py")):
+    paths = sorted((PACKAGE / folder).glob("*.py"))
+    assert paths, folder  # a moved package must not make these tests pass on nothing
+    for path in paths:
         pairs: set[tuple[str, str]] = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -44,3 +47,15 @@ def test_outside_the_gate_nothing_releases() -> None:
         if pairs & RELEASE
     ]
     assert callers == []
+
+
+def test_nothing_above_the_pipeline_names_a_family() -> None:
+    """The engine and the API see a ModelFamily; which one a folder is, only the loader decides."""
+    for folder in ("api", "engine", "gate", "state", "samplers"):
+        for module, pairs in imported(folder).items():
+            named = {
+                m
+                for m, _ in pairs
+                if m.startswith("imagegen.pipeline.families.") and m != "imagegen.pipeline.families.base"
+            }
+            assert not named, f"{folder}/{module} imports {named}"

@@ -51,15 +51,6 @@ def load_t5(folder: Path, device: torch.device, dtype: torch.dtype) -> TextEncod
     return TextEncoder(tokenizer=tok, model=model, max_length=T5_MAX_SEQUENCE_LENGTH, use_attention_mask=False)
 
 
-@torch.inference_mode()
-def clip_pooled(encoder: TextEncoder, prompts: list[str]) -> torch.Tensor:
-    """CLIPTextModel's ``pooler_output`` (B, D) (the state at the first end token), padded as the pipeline pads."""
-    tokens = encoder.tokenizer(
-        prompts, padding="max_length", max_length=encoder.max_length, truncation=True, return_tensors="pt"
-    )
-    return encoder.model(tokens.input_ids.to(encoder.model.device)).pooler_output
-
-
 def pack(x: torch.Tensor) -> torch.Tensor:
     """(B, C, h, w) → (B, h/2·w/2, 4C): 2×2 patches as tokens (FluxPipeline._pack_latents)."""
     b, c, h, w = x.shape
@@ -146,7 +137,7 @@ class Flux(ModelFamily):
         return Conditioning(
             {
                 "context": self.t5.encode(texts).to(device),  # (B, 512, d_model)
-                "pooled": clip_pooled(self.clip, texts).to(device),  # (B, CLIP width)
+                "pooled": self.clip.pooled(texts).to(device),  # (B, CLIP width)
             }
         )
 

@@ -48,17 +48,6 @@ def load_tokenizer(folder: Path, index: Mapping[str, Any], name: str) -> PreTrai
     return cls.from_pretrained(resolve_component(folder / name)[0], local_files_only=True)
 
 
-@torch.inference_mode()
-def clip_states(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """A CLIP tower's penultimate hidden states (B, L, D) and its projected pooled output (B, P)
-    (diffusers' ``_get_clip_prompt_embeds`` with clip_skip None)."""
-    tokens = encoder.tokenizer(
-        prompts, padding="max_length", max_length=encoder.max_length, truncation=True, return_tensors="pt"
-    )
-    out = encoder.model(tokens.input_ids.to(encoder.model.device), output_hidden_states=True)
-    return out.hidden_states[-2], out[0]
-
-
 class StableDiffusion3(ModelFamily):
     name = "sd3"
     pipelines = frozenset({"StableDiffusion3Pipeline"})
@@ -142,8 +131,8 @@ class StableDiffusion3(ModelFamily):
 
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
         texts = [p or "" for p in prompts]  # the pipeline encodes an absent negative prompt as ""
-        states_l, pooled_l = clip_states(self.clip_l, texts)
-        states_g, pooled_g = clip_states(self.clip_g, texts)
+        states_l, pooled_l = self.clip_l.penultimate_and_first(texts)
+        states_g, pooled_g = self.clip_g.penultimate_and_first(texts)
         clip = torch.cat([states_l, states_g], dim=-1)
         if self.t5 is not None:
             t5 = self.t5.encode(texts)

@@ -47,17 +47,6 @@ def load_clip(folder: Path, tokenizer: str, encoder: str, cls: type[CLIPTextMode
     return TextEncoder(tokenizer=tok, model=model, max_length=limit, use_attention_mask=False)
 
 
-@torch.inference_mode()
-def clip_states(encoder: TextEncoder, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The penultimate hidden states (B, L, D) and the first output: the last hidden states of a CLIPTextModel,
-    the projected pooled embedding (B, P) of a CLIPTextModelWithProjection."""
-    tokens = encoder.tokenizer(
-        prompts, padding="max_length", max_length=encoder.max_length, truncation=True, return_tensors="pt"
-    )
-    out = encoder.model(tokens.input_ids.to(encoder.model.device), output_hidden_states=True)
-    return out.hidden_states[-2], out[0]
-
-
 class StableDiffusionXL(ModelFamily):
     name = "sdxl"
     pipelines = frozenset({"StableDiffusionXLPipeline"})
@@ -120,8 +109,8 @@ class StableDiffusionXL(ModelFamily):
         when force_zeros_for_empty_prompt, else encoded as ""."""
         device = self.placement.device
         texts = [p or "" for p in prompts]
-        states_1, _ = clip_states(self.text_encoder, texts)
-        states_2, pooled = clip_states(self.text_encoder_2, texts)
+        states_1, _ = self.text_encoder.penultimate_and_first(texts)
+        states_2, pooled = self.text_encoder_2.penultimate_and_first(texts)
         states = torch.cat([states_1, states_2], dim=-1).to(device)
         pooled = pooled.to(device)
         if self.force_zeros_for_empty_prompt and None in prompts:
