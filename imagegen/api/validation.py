@@ -42,6 +42,9 @@ def parse_size(size: str | None, model: LoadedModel, settings: Settings) -> tupl
     k = model.size_multiple
     if width < k or height < k or width % k or height % k:
         raise bad("size_not_supported", f"width and height must be positive multiples of {k} for this model", "size")
+    longest = model.family.max_side
+    if longest is not None and max(width, height) > longest:
+        raise bad("size_not_supported", f"this model's sides can be at most {longest} pixels", "size")
     if width * height > settings.max_pixels:
         raise bad("size_not_supported", f"{width}x{height} exceeds the limit of {settings.max_pixels} pixels", "size")
     native = model.defaults.width * model.defaults.height

@@ -86,6 +86,14 @@ def test_a_sampler_the_model_cannot_run_is_a_400(client: TestClient, model: str,
     assert err["code"] == "unsupported_sampler" and err["param"] == "sampler" and sampler in err["message"]
 
 
+def test_sd3_refuses_sides_past_its_position_table(client: TestClient) -> None:
+    """The tiny SD3 holds 32 patches a side (2 px each, VAE factor 2): 128 px. Past it the transformer raises."""
+    generate(client, "tiny-sd3", size="16x128")
+    body = {"model": "tiny-sd3", "prompt": "a mug", "size": "16x256"}  # within the area bound, past the table
+    r = client.post("/v1/images/generations", json=body)
+    assert r.status_code == 400 and r.json()["error"]["code"] == "size_not_supported", r.text
+
+
 def test_flux_takes_no_negative_prompt(client: TestClient) -> None:
     r = client.post(
         "/v1/images/generations", json={"model": "tiny-flux-dev", "prompt": "a mug", "negative_prompt": "x"}

@@ -139,6 +139,11 @@ class ModelFamily(ABC):
     def size_multiple(self) -> int:
         """Image sides must be multiples of this (VAE factor × the denoiser's downsampling or patching)."""
 
+    @property
+    def max_side(self) -> int | None:
+        """The longest image side the denoiser can take at all (SD3's learned position table), None: no bound."""
+        return None
+
     def latent_shape(self, width: int, height: int) -> tuple[int, int, int]:
         """The unpacked latent of one image, (C, h, w): the shape its noise is drawn in."""
         f = self.decoder.scale_factor

@@ -120,6 +120,12 @@ class StableDiffusion3(ModelFamily):
     def size_multiple(self) -> int:
         return self.decoder.scale_factor * self.patch_size
 
+    @property
+    def max_side(self) -> int | None:
+        """The position table holds ``pos_embed_max_size`` patches a side: past it the transformer refuses."""
+        table = self.transformer.config.pos_embed_max_size
+        return None if table is None else int(table) * self.size_multiple
+
     def plan(self, sampler: str, steps: int, eta: float, width: int, height: int) -> SamplerPlan:
         """With dynamic shifting, mu follows the image's token count, (h // patch)·(w // patch) of the latent's
         sides, as the pipeline counts it from the latents' shape (not the pixel size)."""
