@@ -22,11 +22,14 @@ class TextEncoder:
     max_length: int
     use_attention_mask: bool  # CLIP as in SD: no mask; BERT-like encoders were trained with one
 
-    def _run(self, prompts: list[str], **kwargs: bool) -> Any:
-        """The encoder over prompts padded to ``max_length``, as the diffusers pipelines pad them."""
-        tokens = self.tokenizer(
+    def _tokens(self, prompts: list[str]) -> Any:
+        """Prompts padded to ``max_length``, as the diffusers pipelines pad them."""
+        return self.tokenizer(
             prompts, padding="max_length", max_length=self.max_length, truncation=True, return_tensors="pt"
         )
+
+    def _run(self, prompts: list[str], **kwargs: bool) -> Any:
+        tokens = self._tokens(prompts)
         device = self.model.device
         mask = tokens.attention_mask.to(device) if self.use_attention_mask else None
         return self.model(tokens.input_ids.to(device), attention_mask=mask, **kwargs)
@@ -42,6 +45,17 @@ class TextEncoder:
         output — a CLIPTextModelWithProjection's projected pooled embedding (B, P)."""
         out = self._run(prompts, output_hidden_states=True)
         return out.hidden_states[-2], out[0]
+
+    @torch.inference_mode()
+    def states_and_mean(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """A sentence encoder's reading: token states (B, L, D) and their mean over each prompt's own tokens
+        (B, D), the sentence embedding of sentence-transformers' mean pooling (all-MiniLM-L6-v2's)."""
+        tokens = self._tokens(prompts)
+        device = self.model.device
+        mask = tokens.attention_mask.to(device)
+        states = self.model(tokens.input_ids.to(device), attention_mask=mask)[0]
+        weights = mask.unsqueeze(-1).to(states.dtype)
+        return states, (states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1)
 
     @torch.inference_mode()
     def pooled(self, prompts: list[str]) -> torch.Tensor:

@@ -1,4 +1,4 @@
-"""``python -m models.recipes <stage>``: the whole recipe of the embedded default model, resumable.
+"""``python -m models.recipes <stage>``: the whole recipe of the embedded default models, resumable.
 
 ``all`` runs the stages in order; each one skips what is already done under runs/ and resumes an
 interrupted run from its last checkpoint.
@@ -14,7 +14,7 @@ import torch
 from models.recipes.common import build_split, log, timed
 
 TRAIN_COUNT = 30000
-STAGES = ["data", "vae", "unet", "distill", "export", "classifier", "eval"]
+STAGES = ["data", "vae", "unet", "distill", "export", "flow", "classifier", "eval"]
 
 
 def run_stage(stage: str, quick: bool) -> None:
@@ -38,6 +38,11 @@ def run_stage(stage: str, quick: bool) -> None:
 
         export.export_teacher()
         export.export_student()
+    elif stage == "flow":  # after export: it trains on the shipped VAE's latents
+        from models.recipes import export, flow
+
+        flow.run(TRAIN_COUNT)
+        export.export_flow()
     elif stage == "classifier":
         from models.recipes import classifier
 

