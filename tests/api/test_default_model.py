@@ -90,7 +90,7 @@ def test_the_flow_model_is_an_sd3_family_model_with_flow_euler(client: TestClien
 
 
 @pytest.mark.parametrize(("prompt", "colour", "background"), CASES)
-def test_flow_model_follows_colour_and_background(client: TestClient, prompt: str, colour: str, background: str) -> None:
+def test_flow_model_follows_prompts(client: TestClient, prompt: str, colour: str, background: str) -> None:
     pixels = generate(client, model="catalog-128-flow", prompt=prompt, seed=5)
     assert follows(pixels, colour, background) == (True, True)
     again = generate(client, model="catalog-128-flow", prompt=prompt, seed=5)
