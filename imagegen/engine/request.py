@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from imagegen.gate import ReleasedImage
     from imagegen.gate.gate import Screening
     from imagegen.gate.release import HeldForReview
@@ -42,6 +44,9 @@ class GenerationRequest:
     user: str | None = None
     guidance_rescale: float = 0.0
     screening: Screening | None = None  # the gate's decision, made before compute; the engine passes it on
+    # img2img: the input image (height, width, 3) uint8, and how much of the plan re-draws it (1: all of it)
+    init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
+    strength: float = 1.0
 
 
 @dataclass(frozen=True)

@@ -85,7 +85,15 @@ class Runner:
         refs = []
         for i in range(req.n):
             g = row_generator(req.seed, i)
-            x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
+            start = 0
+            if req.init_image is None:
+                x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
+            else:  # an edit row starts late, its image forward-noised to there (posterior draw first, as diffusers)
+                x0 = family.encode_image(req.init_image, g).cpu()
+                start = family.start_step(plan.steps, req.strength)
+                if start >= plan.steps:
+                    raise ValueError(f"strength {req.strength} leaves no step of {plan.steps} to run")
+                x = sampler.noised(plan, start, x0, torch.randn(shape, generator=g, dtype=torch.float32))
             row_id = next(_ids)
             self.rows[row_id] = RowTensors(
                 x=x.to(self.model.device),
@@ -97,7 +105,7 @@ class Runner:
                 guidance_scale=req.guidance_scale,
                 guidance_rescale=req.guidance_rescale,
             )
-            refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2))
+            refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2, step=start))
         return refs
 
     def drop(self, ids: Sequence[int]) -> None:
@@ -169,7 +177,13 @@ class Runner:
         self, sampler: Sampler, rows: list[tuple[RowTensors, int]], x: torch.Tensor, out: torch.Tensor
     ) -> StepOutput:
         device = self.model.device
-        c = to_device(torch.stack([r.plan.coeffs[i] for r, i in rows]), device)  # (B, K)
+        rows_c = [
+            sampler.without_history(r.plan.coeffs[i])
+            if sampler.uses_history and r.previous is None
+            else r.plan.coeffs[i]
+            for r, i in rows
+        ]
+        c = to_device(torch.stack(rows_c), device)  # (B, K)
         previous = None
         if sampler.uses_history:
             previous = torch.cat([r.previous if r.previous is not None else torch.zeros_like(r.x) for r, _ in rows])

@@ -87,6 +87,25 @@ class Decoder:
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return latents / cfg.scaling_factor + shift
 
+    def scale(self, z: torch.Tensor) -> torch.Tensor:
+        """VAE latents → the space the denoiser was trained on (the inverse of ``unscale``)."""
+        cfg = self.vae.config
+        mean, std = getattr(cfg, "latents_mean", None), getattr(cfg, "latents_std", None)
+        if mean is not None and std is not None:
+            m = torch.tensor(mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+            s = torch.tensor(std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1)
+            return (z - m) * cfg.scaling_factor / s
+        shift = getattr(cfg, "shift_factor", None) or 0.0
+        return (z - shift) * cfg.scaling_factor
+
+    @torch.inference_mode()
+    def encode(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """One image (H, W, 3) uint8 → its latent (1, C, h, w) fp32 in the denoiser's space: a sample of the
+        VAE's posterior drawn from ``generator``, as diffusers' img2img pipelines draw it (before the noise)."""
+        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].to(torch.float32) / 255 * 2 - 1
+        dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
+        return self.scale(dist.sample(generator).to(torch.float32))
+
     @torch.inference_mode()
     def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Latents (B, C, h, w) → uint8 images (B, H, W, 3), rounded as diffusers' image processor does, and

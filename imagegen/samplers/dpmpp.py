@@ -60,6 +60,12 @@ class DPMSolverPP2M(VPSampler):
             init_noise_sigma=1.0,
         )
 
+    def without_history(self, c: torch.Tensor) -> torch.Tensor:
+        """No previous x0 yet: this step is first order, as diffusers' first step after ``set_begin_index``."""
+        first = c.clone()
+        first[5] = 0.0
+        return first
+
     def step(
         self,
         x: torch.Tensor,

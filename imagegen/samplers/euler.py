@@ -34,7 +34,14 @@ def karras_plan(sampler: VPSampler, steps: int, coeffs_of: CoeffFn, draws_noise:
     )
 
 
-class Euler(VPSampler):
+class KarrasSampler(VPSampler):
+    """Rows in σ-space: x = x0 + σ·ε (σ is the first coefficient)."""
+
+    def noised(self, plan: SamplerPlan, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x0 + plan.coeffs[step, 0] * noise
+
+
+class Euler(KarrasSampler):
     name = "euler"
 
     def _plan(self, steps: int, eta: float, mu: float | None = None) -> SamplerPlan:
@@ -54,7 +61,7 @@ class Euler(VPSampler):
         return StepOutput(x_next=x + derivative * column(c, 1), denoised=x0)
 
 
-class EulerAncestral(VPSampler):
+class EulerAncestral(KarrasSampler):
     name = "euler_a"
 
     def _plan(self, steps: int, eta: float, mu: float | None = None) -> SamplerPlan:

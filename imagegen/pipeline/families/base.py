@@ -153,6 +153,15 @@ class ModelFamily(ABC):
         """A row's plan. Flow families with dynamic shifting pass the shift of the image's token count."""
         return self.samplers[sampler].plan(steps, eta)
 
+    def start_step(self, steps: int, strength: float) -> int:
+        """Where an edit (img2img) row starts its N-step plan: N − ⌊N·strength⌋, as the SD and SDXL img2img
+        pipelines' ``get_timesteps`` count it (strength 1: from pure noise)."""
+        return steps - min(int(steps * strength), steps)
+
+    def encode_image(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
+        """An input image (H, W, 3) uint8 → its latent (1, C, h, w) for an edit row (img2img starts from it)."""
+        return self.decoder.encode(pixels, generator)
+
     def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Latents (B, C, h, w) → uint8 images (B, H, W, 3) and (B,) bool: latent and pixels all finite."""
         return self.decoder.decode(latents)

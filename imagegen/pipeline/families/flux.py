@@ -125,6 +125,10 @@ class Flux(ModelFamily):
         f2 = self.decoder.scale_factor * 2
         return (self.latent_channels, 2 * (height // f2), 2 * (width // f2))
 
+    def start_step(self, steps: int, strength: float) -> int:
+        """This pipeline's img2img rounds the other way: ⌊N − N·strength⌋ (``get_timesteps``)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
     def plan(self, sampler: str, steps: int, eta: float, width: int, height: int) -> SamplerPlan:
         """Dev's shift follows the packed token count, as the pipeline's ``calculate_shift``; schnell's is fixed."""
         _, h, w = self.latent_shape(width, height)

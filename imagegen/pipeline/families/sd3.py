@@ -138,6 +138,10 @@ class StableDiffusion3(ModelFamily):
         table = self.transformer.config.pos_embed_max_size
         return None if table is None else int(table) * self.size_multiple
 
+    def start_step(self, steps: int, strength: float) -> int:
+        """This pipeline's img2img rounds the other way: ⌊N − N·strength⌋ (``get_timesteps``)."""
+        return int(max(steps - min(steps * strength, steps), 0))
+
     def plan(self, sampler: str, steps: int, eta: float, width: int, height: int) -> SamplerPlan:
         """With dynamic shifting, mu follows the image's token count, (h // patch)·(w // patch) of the latent's
         sides, as the pipeline counts it from the latents' shape (not the pixel size)."""

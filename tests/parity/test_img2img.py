@@ -1,0 +1,111 @@
+"""Edit rows (img2img) start late in their own plan from the input image's latent, forward-noised there: through
+our engine, batched with text-to-image rows, they equal diffusers' img2img pipelines on the same seeds."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from diffusers import (
+    DDIMScheduler,
+    DPMSolverMultistepScheduler,
+    EulerDiscreteScheduler,
+    StableDiffusion3Img2ImgPipeline,
+    StableDiffusionImg2ImgPipeline,
+)
+from PIL import Image
+
+from imagegen.engine.request import GenerationRequest, OutputSpec
+from imagegen.pipeline.families.sd import StableDiffusion
+from imagegen.pipeline.loading import LoadedModel, load_model, resolve_placement
+from tests.engine_run import run_engine
+from tests.tiny_families import build_tiny_sd3
+
+SCHEDULERS = {"ddim": DDIMScheduler, "euler": EulerDiscreteScheduler, "dpmpp_2m": DPMSolverMultistepScheduler}
+PROMPT = "a blue mug on a wooden table"
+
+
+def product_photo(side: int) -> np.ndarray:
+    """A smooth coloured blob on white: an input image with structure for the VAE to keep."""
+    yy, xx = np.mgrid[0:side, 0:side] / side
+    blob = np.exp(-((xx - 0.5) ** 2 + (yy - 0.55) ** 2) / 0.05)[..., None]
+    return (255 * (1 - blob) + blob * np.array([40, 80, 200])).astype(np.uint8)
+
+
+def request(model: str, sampler: str, steps: int, strength: float | None, seed: int, side: int = 16,
+            guidance: float = 3.0, n: int = 2) -> GenerationRequest:  # fmt: skip
+    image = None if strength is None else product_photo(side)
+    return GenerationRequest(
+        model=model, prompt=PROMPT, negative_prompt=None, n=n, width=side, height=side, steps=steps,
+        guidance_scale=guidance, seed=seed, sampler=sampler, eta=0.0, output=OutputSpec(), init_image=image,
+        strength=1.0 if strength is None else strength,
+    )  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sd(tiny_models_dir: Path) -> LoadedModel:
+    return load_model(tiny_models_dir / "tiny-eps", resolve_placement("cpu", "float32"))
+
+
+def sd_img2img(model: LoadedModel, sampler: str, req: GenerationRequest) -> torch.Tensor:
+    family = model.family
+    assert isinstance(family, StableDiffusion)
+    pipe = StableDiffusionImg2ImgPipeline(
+        vae=family.decoder.vae, text_encoder=family.text_encoder.model, tokenizer=family.text_encoder.tokenizer,
+        unet=family.unet,
+        scheduler=SCHEDULERS[sampler].from_config(DDIMScheduler.load_config(model.path / "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    return pipe(
+        PROMPT, image=Image.fromarray(req.init_image), strength=req.strength, num_inference_steps=req.steps,
+        guidance_scale=req.guidance_scale, num_images_per_prompt=req.n, output_type="latent",
+        generator=[torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)],
+    ).images  # fmt: skip
+
+
+def test_sd_img2img_rows_batched_with_text_rows_equal_diffusers(sd: LoadedModel) -> None:
+    edits = [
+        request("tiny-eps", "ddim", 10, 0.3, seed=1),
+        request("tiny-eps", "euler", 10, 0.75, seed=2),
+        request("tiny-eps", "dpmpp_2m", 10, 0.6, seed=3),
+        request("tiny-eps", "ddim", 8, 1.0, seed=4, guidance=1.0),
+    ]
+    text = request("tiny-eps", "ddim", 10, None, seed=5)
+    run = run_engine(sd, [*edits, text])
+    assert run.max_jobs_per_forward > 1  # edit rows and text rows shared forwards
+    for req, outcome in zip(edits, run.outcomes, strict=False):
+        theirs = sd_img2img(sd, req.sampler, req)
+        diff = (outcome.latents - theirs).abs().max().item()
+        assert diff <= 1e-4, (req.sampler, req.strength, diff)
+    # a light edit stays near its input, a strong one does not
+    near, far = run.outcomes[0].pixels.astype(float), run.outcomes[1].pixels.astype(float)
+    photo = product_photo(16).astype(float)
+    assert np.abs(near - photo).mean() < np.abs(far - photo).mean()
+
+
+def test_a_strength_that_leaves_no_step_fails_the_job(sd: LoadedModel) -> None:
+    with pytest.raises(ValueError, match="leaves no step"):
+        run_engine(sd, [request("tiny-eps", "ddim", 4, 0.1, seed=1)])
+
+
+def test_sd3_img2img_equals_diffusers(tmp_path: Path) -> None:
+    folder = build_tiny_sd3(tmp_path / "tiny-sd3", seed=2)
+    model = load_model(folder, resolve_placement("cpu", "float32"))
+    reqs = [replace(request("tiny-sd3", "flow_euler", 6, s, seed=7 + k, side=32), model="tiny-sd3")
+            for k, s in enumerate((0.5, 0.9))]  # fmt: skip
+    run = run_engine(model, reqs)
+    pipe = StableDiffusion3Img2ImgPipeline.from_pretrained(folder, local_files_only=True)
+    pipe.set_progress_bar_config(disable=True)
+    for req, outcome in zip(reqs, run.outcomes, strict=True):
+        theirs = pipe(  # SD3's img2img does not repeat the image per image asked for: one copy each
+            PROMPT, image=[Image.fromarray(req.init_image)] * req.n, strength=req.strength,
+            num_inference_steps=req.steps,
+            guidance_scale=req.guidance_scale, num_images_per_prompt=req.n, output_type="latent",
+            generator=[torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)],
+        ).images  # fmt: skip
+        diff = (outcome.latents - theirs).abs().max().item()
+        assert diff <= 1e-4, (req.strength, diff)
