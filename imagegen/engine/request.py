@@ -47,6 +47,7 @@ class GenerationRequest:
     # img2img: the input image (height, width, 3) uint8, and how much of the plan re-draws it (1: all of it)
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
+    mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) float: 1 repaints, 0 keeps
 
 
 @dataclass(frozen=True)

@@ -68,6 +68,22 @@ class RowTensors:
     guidance_scale: float
     guidance_rescale: float
     previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers
+    inpaint: Inpaint | None = None  # set for inpainting rows: what is kept, and where
+
+
+@dataclass(frozen=True, eq=False)
+class Inpaint:
+    """An inpainting row's known region (the 4-channel way: diffusers' inpaint pipeline for a plain UNet): after
+    every step the kept region is replaced by the input's latent noised to the row's next level."""
+
+    known: torch.Tensor  # (1, C, h, w) the input image's latent
+    keep: torch.Tensor  # (1, 1, h, w) 1 where the input is kept, 0 where it is repainted
+    noise: torch.Tensor  # (1, C, h, w) the row's initial noise, which re-noises the known latent
+
+    def blend(self, sampler: Sampler, plan: SamplerPlan, step: int, x: torch.Tensor) -> torch.Tensor:
+        """x after ``step``: the kept region set to the known latent at the start of the next step."""
+        known = self.known if step + 1 >= plan.steps else sampler.noised(plan, step + 1, self.known, self.noise)
+        return self.keep * known + (1 - self.keep) * x
 
 
 class Runner:
@@ -85,7 +101,7 @@ class Runner:
         refs = []
         for i in range(req.n):
             g = row_generator(req.seed, i)
-            start = 0
+            start, inpaint = 0, None
             if req.init_image is None:
                 x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
             else:  # an edit row starts late, its image forward-noised to there (posterior draw first, as diffusers)
@@ -93,7 +109,13 @@ class Runner:
                 start = family.start_step(plan.steps, req.strength)
                 if start >= plan.steps:
                     raise ValueError(f"strength {req.strength} leaves no step of {plan.steps} to run")
-                x = sampler.noised(plan, start, x0, torch.randn(shape, generator=g, dtype=torch.float32))
+                noise = torch.randn(shape, generator=g, dtype=torch.float32)
+                if req.mask is None:
+                    x = sampler.noised(plan, start, x0, noise)
+                else:
+                    inpaint = self._inpaint(req, x0, noise, g)
+                    # the inpaint pipelines start from pure noise at full strength, else as img2img does
+                    x = noise * plan.init_noise_sigma if start == 0 else sampler.noised(plan, start, x0, noise)
             row_id = next(_ids)
             self.rows[row_id] = RowTensors(
                 x=x.to(self.model.device),
@@ -104,9 +126,20 @@ class Runner:
                 uncond=uncond,
                 guidance_scale=req.guidance_scale,
                 guidance_rescale=req.guidance_rescale,
+                inpaint=inpaint,
             )
             refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2, step=start))
         return refs
+
+    def _inpaint(self, req: GenerationRequest, x0: torch.Tensor, noise: torch.Tensor, g: torch.Generator) -> Inpaint:
+        """The kept region at latent size (nearest, as diffusers resizes the mask). diffusers also samples the
+        masked image's latent (used by 9-channel UNets) from the same generator: the row makes that draw too, so
+        that every later draw (ancestral noise) stays the pipeline's."""
+        assert req.mask is not None
+        repaint = torch.from_numpy((req.mask >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
+        repaint = torch.nn.functional.interpolate(repaint, size=x0.shape[-2:])
+        torch.randn(x0.shape, generator=g, dtype=torch.float32)  # the masked image's posterior draw, unused here
+        return Inpaint(known=x0, keep=1 - repaint, noise=noise)
 
     def drop(self, ids: Sequence[int]) -> None:
         for row_id in ids:
@@ -168,9 +201,12 @@ class Runner:
             group = [rows[j] for j in idx]
             updates.append((sampler, [r for r, _ in group], self._sampler_step(sampler, group, x[at], prediction[at])))
         # Rows change only once every group has stepped: a failure leaves them as they were, to be retried.
+        step_of = {id(r): i for r, i in rows}
         for sampler, tensors, result in updates:
             for j, r in enumerate(tensors):
                 r.x = result.x_next[j : j + 1]
+                if r.inpaint is not None:
+                    r.x = r.inpaint.blend(sampler, r.plan, step_of[id(r)], r.x)
                 r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
 
     def _sampler_step(

@@ -109,3 +109,43 @@ def test_sd3_img2img_equals_diffusers(tmp_path: Path) -> None:
         ).images  # fmt: skip
         diff = (outcome.latents - theirs).abs().max().item()
         assert diff <= 1e-4, (req.strength, diff)
+
+
+def half_mask(side: int) -> np.ndarray:
+    """Repaint the top half (1), keep the bottom half (0), as diffusers' white-repaints convention."""
+    mask = np.zeros((side, side), np.float32)
+    mask[: side // 2] = 1.0
+    return mask
+
+
+@pytest.mark.parametrize(("sampler", "strength"), [("ddim", 1.0), ("euler", 1.0), ("ddim", 0.7), ("euler_a", 0.8)])
+def test_sd_inpainting_on_a_plain_unet_equals_diffusers(sd: LoadedModel, sampler: str, strength: float) -> None:
+    from diffusers import EulerAncestralDiscreteScheduler, StableDiffusionInpaintPipeline
+
+    # n = 1: with n > 1 diffusers' inpaint pipeline samples the input's latent once, from the first generator, for
+    # every image; ours samples it per image from that image's own generator (seed + i), as its img2img does.
+    req = replace(request("tiny-eps", sampler, 8, strength, seed=11, n=1), mask=half_mask(16))
+    run = run_engine(sd, [req, request("tiny-eps", "ddim", 6, None, seed=12)])
+    family = sd.family
+    assert isinstance(family, StableDiffusion)
+    schedulers = {**SCHEDULERS, "euler_a": EulerAncestralDiscreteScheduler}
+    pipe = StableDiffusionInpaintPipeline(
+        vae=family.decoder.vae, text_encoder=family.text_encoder.model, tokenizer=family.text_encoder.tokenizer,
+        unet=family.unet, scheduler=schedulers[sampler].from_config(DDIMScheduler.load_config(sd.path / "scheduler")),
+        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+    )  # fmt: skip
+    pipe.set_progress_bar_config(disable=True)
+    assert req.init_image is not None and req.mask is not None
+    theirs = pipe(
+        PROMPT, image=Image.fromarray(req.init_image), mask_image=Image.fromarray((req.mask * 255).astype(np.uint8)),
+        strength=strength, num_inference_steps=req.steps, guidance_scale=req.guidance_scale, height=16, width=16,
+        num_images_per_prompt=req.n, output_type="latent",
+        generator=[torch.Generator("cpu").manual_seed(req.seed + i) for i in range(req.n)],
+    ).images  # fmt: skip
+    ours = run.outcomes[0].latents
+    diff = (ours - theirs).abs().max().item()
+    assert diff <= 1e-4, diff
+    half = ours.shape[-2] // 2  # the kept (bottom) half is the input's latent at the end, exactly
+    x0 = family.encode_image(req.init_image, torch.Generator("cpu").manual_seed(req.seed))
+    assert (ours[0, :, half:] - x0[0, :, half:]).abs().max().item() <= 1e-5
+    assert (ours[0, :, :half] - x0[0, :, :half]).abs().max().item() > 0.1  # the top half was repainted
