@@ -104,6 +104,8 @@ class Runner:
             start, inpaint = 0, None
             if req.init_image is None:
                 x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
+            elif not sampler.runs_edits:
+                raise ValueError(f"{sampler.name} does not run edits")
             else:  # an edit row starts late, its image forward-noised to there (posterior draw first, as diffusers)
                 x0 = family.encode_image(req.init_image, g).cpu()
                 start = family.start_step(plan.steps, req.strength)

@@ -54,6 +54,7 @@ class Sampler(ABC):
 
     name: str = ""
     uses_history: bool = False  # multistep: step() needs each row's previous ``denoised``
+    runs_edits: bool = True  # can start a row part-way through its plan (img2img, inpainting)
     schedule: NoiseSchedule | FlowSchedule
 
     def __init__(self, schedule: NoiseSchedule | FlowSchedule) -> None:

@@ -17,6 +17,7 @@ SIGMA_DATA = 0.5
 
 class LCM(VPSampler):
     name = "lcm"
+    runs_edits = False  # LCM's img2img counts strength on the distillation grid: not implemented
 
     def max_steps(self) -> int:
         return self.schedule.original_inference_steps

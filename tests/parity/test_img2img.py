@@ -92,6 +92,12 @@ def test_a_strength_that_leaves_no_step_fails_the_job(sd: LoadedModel) -> None:
         run_engine(sd, [request("tiny-eps", "ddim", 4, 0.1, seed=1)])
 
 
+def test_lcm_edits_are_refused_until_they_follow_lcm_s_own_grid(tiny_models_dir: Path) -> None:
+    lcm = load_model(tiny_models_dir / "tiny-lcm", resolve_placement("cpu", "float32"))
+    with pytest.raises(ValueError, match="lcm does not run edits"):
+        run_engine(lcm, [request("tiny-lcm", "lcm", 4, 0.5, seed=1)])
+
+
 def test_sd3_img2img_equals_diffusers(tmp_path: Path) -> None:
     folder = build_tiny_sd3(tmp_path / "tiny-sd3", seed=2)
     model = load_model(folder, resolve_placement("cpu", "float32"))
@@ -149,3 +155,31 @@ def test_sd_inpainting_on_a_plain_unet_equals_diffusers(sd: LoadedModel, sampler
     x0 = family.encode_image(req.init_image, torch.Generator("cpu").manual_seed(req.seed))
     assert (ours[0, :, half:] - x0[0, :, half:]).abs().max().item() <= 1e-5
     assert (ours[0, :, :half] - x0[0, :, :half]).abs().max().item() > 0.1  # the top half was repainted
+
+
+def test_sdxl_and_flux_img2img_equal_diffusers(tmp_path: Path) -> None:
+    """n = 1: given one input and a generator list, these pipelines sample its latent from the first generator only."""
+    from diffusers import FluxImg2ImgPipeline, StableDiffusionXLImg2ImgPipeline
+
+    from tests.tiny_families import build_tiny_flux, build_tiny_sdxl
+
+    cases = [
+        (build_tiny_sdxl(tmp_path / "tiny-sdxl", seed=3), StableDiffusionXLImg2ImgPipeline, "euler", 0.6, 5.0),
+        (build_tiny_flux(tmp_path / "tiny-flux", seed=4), FluxImg2ImgPipeline, "flow_euler", 0.7, 3.5),
+    ]
+    for folder, pipeline, sampler, strength, guidance in cases:
+        model = load_model(folder, resolve_placement("cpu", "float32"))
+        req = request(folder.name, sampler, 6, strength, seed=9, side=32, guidance=guidance, n=1)
+        (outcome,) = run_engine(model, [req]).outcomes
+        pipe = pipeline.from_pretrained(folder, local_files_only=True)
+        pipe.set_progress_bar_config(disable=True)
+        assert req.init_image is not None
+        theirs = pipe(
+            PROMPT, image=Image.fromarray(req.init_image), strength=strength, num_inference_steps=req.steps,
+            guidance_scale=guidance, height=32, width=32, output_type="latent",
+            generator=[torch.Generator("cpu").manual_seed(req.seed)],
+        ).images  # fmt: skip
+        if pipeline is FluxImg2ImgPipeline:  # its latents come back packed into tokens
+            theirs = pipe._unpack_latents(theirs, 32, 32, pipe.vae_scale_factor)
+        diff = (outcome.latents - theirs).abs().max().item()
+        assert diff <= 1e-4, (folder.name, diff)
