@@ -29,6 +29,7 @@ from models.recipes.common import (
     seed_everything,
     text_encoder_dir,
 )
+from models.recipes.unet import ema_update
 from models.recipes.vae import encode_latents
 
 SHIPPED_VAE = ROOT / "models" / "catalog-128" / "vae"
@@ -84,12 +85,6 @@ def training_data(train_count: int, dev: torch.device) -> dict[str, torch.Tensor
 def logit_normal(n: int, generator: torch.Generator) -> torch.Tensor:
     """σ = sigmoid(u), u ~ N(0, 1): the middle of the path, where the velocity is hardest, is sampled most."""
     return torch.sigmoid(torch.randn(n, generator=generator))
-
-
-def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
-    with torch.no_grad():
-        for e, p in zip(ema.parameters(), model.parameters(), strict=True):
-            e.lerp_(p, 1 - decay)
 
 
 def train_flow(train_count: int) -> SD3Transformer2DModel:

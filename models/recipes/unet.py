@@ -67,7 +67,7 @@ def conditioning(train_count: int, dev: torch.device) -> tuple[torch.Tensor, tor
     return (latents - mean) / std, text, empty
 
 
-def ema_update(ema: UNet2DConditionModel, model: UNet2DConditionModel, decay: float) -> None:
+def ema_update(ema: torch.nn.Module, model: torch.nn.Module, decay: float) -> None:
     with torch.no_grad():
         for e, p in zip(ema.parameters(), model.parameters(), strict=True):
             e.lerp_(p, 1 - decay)

@@ -44,7 +44,40 @@ def unet_downsample(unet: UNet2DConditionModel) -> int:
     return int(2 ** (len(unet.config.block_out_channels) - 1))
 
 
-class StableDiffusion(ModelFamily):
+class UNetFamily(ModelFamily):
+    """What the UNet families (SD, SDXL) share: their latent geometry and the UNet forward."""
+
+    unet: UNet2DConditionModel
+    guidance_embedding_dim: int | None  # LCM-distilled UNets: w enters as an embedding
+
+    @property
+    def latent_channels(self) -> int:
+        return int(self.unet.config.in_channels)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.decoder.scale_factor * unet_downsample(self.unet)
+
+    def unet_forward(
+        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None,
+        added: dict[str, torch.Tensor] | None = None,
+    ) -> torch.Tensor:  # fmt: skip
+        dtype, device = self.unet.dtype, self.unet.device
+        w_embedding = None
+        if self.guidance_embedding_dim is not None and guidance is not None:
+            w_embedding = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
+        out = self.unet(
+            x.to(device, dtype),
+            t.to(device),
+            encoder_hidden_states=context.to(device, dtype),
+            timestep_cond=w_embedding,
+            added_cond_kwargs=added,
+            return_dict=False,
+        )[0]
+        return out.to(torch.float32)
+
+
+class StableDiffusion(UNetFamily):
     name = "sd"
     pipelines = frozenset({"StableDiffusionPipeline", "LatentConsistencyModelPipeline"})
 
@@ -83,14 +116,6 @@ class StableDiffusion(ModelFamily):
             height=side,
         )
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.decoder.scale_factor * unet_downsample(self.unet)
-
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
         states = self.text_encoder.encode([p or "" for p in prompts])  # SD encodes an absent negative as ""
         return Conditioning({"context": states.to(self.placement.device)})
@@ -102,15 +127,4 @@ class StableDiffusion(ModelFamily):
     def denoise(
         self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None
     ) -> torch.Tensor:
-        dtype, device = self.unet.dtype, self.unet.device
-        w_embedding = None
-        if self.guidance_embedding_dim is not None and guidance is not None:
-            w_embedding = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
-        out = self.unet(
-            x.to(device, dtype),
-            t.to(device),
-            encoder_hidden_states=cond["context"].to(device, dtype),
-            timestep_cond=w_embedding,
-            return_dict=False,
-        )[0]
-        return out.to(torch.float32)
+        return self.unet_forward(x, t, cond["context"], guidance)

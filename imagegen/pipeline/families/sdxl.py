@@ -26,14 +26,12 @@ from imagegen.pipeline.components import Decoder, TextEncoder
 from imagegen.pipeline.families.base import (
     Conditioning,
     FamilyDefaults,
-    ModelFamily,
     Placement,
     default_sampler,
     vp_samplers,
 )
-from imagegen.pipeline.families.sd import unet_downsample
+from imagegen.pipeline.families.sd import UNetFamily
 from imagegen.pipeline.folders import has_component, load_module, read_json, resolve_component
-from imagegen.samplers.guidance import guidance_embedding
 from imagegen.samplers.schedules import NoiseSchedule
 
 
@@ -47,7 +45,7 @@ def load_clip(folder: Path, tokenizer: str, encoder: str, cls: type[CLIPTextMode
     return TextEncoder(tokenizer=tok, model=model, max_length=limit, use_attention_mask=False)
 
 
-class StableDiffusionXL(ModelFamily):
+class StableDiffusionXL(UNetFamily):
     name = "sdxl"
     pipelines = frozenset({"StableDiffusionXLPipeline"})
 
@@ -96,14 +94,6 @@ class StableDiffusionXL(ModelFamily):
         sampler = default_sampler(scheduler_class, self.samplers, "euler")
         return FamilyDefaults(sampler=sampler, steps=30, guidance_scale=5.0, width=side, height=side)
 
-    @property
-    def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
-
-    @property
-    def size_multiple(self) -> int:
-        return self.decoder.scale_factor * unet_downsample(self.unet)
-
     def encode(self, prompts: Sequence[str | None]) -> Conditioning:
         """Token states (B, 77, D1 + D2) and pooled (B, P); None (an absent negative prompt) → zeros for both
         when force_zeros_for_empty_prompt, else encoded as ""."""
@@ -131,15 +121,5 @@ class StableDiffusionXL(ModelFamily):
         f = self.decoder.scale_factor
         # (original_size, crops_coords_top_left, target_size), each (height, width); uncond rows share them
         time_ids = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=dtype, device=device).expand(b, -1)
-        w_embedding = None
-        if self.guidance_embedding_dim is not None and guidance is not None:
-            w_embedding = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
-        out = self.unet(
-            x.to(device, dtype),
-            t.to(device),
-            encoder_hidden_states=cond["context"].to(device, dtype),
-            timestep_cond=w_embedding,
-            added_cond_kwargs={"text_embeds": cond["pooled"].to(device, dtype), "time_ids": time_ids},
-            return_dict=False,
-        )[0]
-        return out.to(torch.float32)
+        added = {"text_embeds": cond["pooled"].to(device, dtype), "time_ids": time_ids}
+        return self.unet_forward(x, t, cond["context"], guidance, added)
