@@ -8,7 +8,7 @@ the gate's side is replaced by a function that keeps the decoded pixels.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -40,7 +40,10 @@ class Run:
         return max(len({r.job for r in b.rows}) for b in self.batches)
 
 
-def run_engine(model: LoadedModel, requests: Sequence[GenerationRequest], max_rows: int = 32) -> Run:
+def run_engine(
+    model: LoadedModel, requests: Sequence[GenerationRequest], max_rows: int = 32, buckets: tuple[int, ...] = ()
+) -> Run:
+    """``buckets``: pad each forward up to a fixed batch size, as CUDA graphs would."""
     pixels: dict[str, np.ndarray] = {}
     latents: dict[int, torch.Tensor] = {}
     batches: list[StepBatch] = []
@@ -49,7 +52,9 @@ def run_engine(model: LoadedModel, requests: Sequence[GenerationRequest], max_ro
         pixels[req.request_id] = out
         return []
 
-    config = EngineConfig(SchedulerConfig(max_rows_per_forward=max_rows, max_queued_images=256, policy="fifo"))
+    config = EngineConfig(
+        SchedulerConfig(max_rows_per_forward=max_rows, max_queued_images=256, policy="fifo", buckets=buckets)
+    )
     eng = ModelEngine(model, config, PromptCache(), finish)  # type: ignore[arg-type]
     step, decode = eng.runner.step, eng.runner.decode
 
@@ -81,6 +86,4 @@ def run_engine(model: LoadedModel, requests: Sequence[GenerationRequest], max_ro
 
 
 def _tag(req: GenerationRequest, i: int) -> GenerationRequest:
-    from dataclasses import replace
-
     return replace(req, request_id=req.request_id or f"req-{i}")

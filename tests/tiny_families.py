@@ -419,3 +419,17 @@ def build_tiny_flux(
     }
     _write(folder, components, scheduler, index)
     return _write_defaults(folder, defaults)
+
+
+def build_tiny_sdxl_inpainting(folder: Path, *, seed: int = 0) -> Path:
+    """A tiny SDXL inpainting checkpoint (``StableDiffusionXLInpaintPipeline``, as stable-diffusion-xl-1.0-
+    inpainting-0.1): the tiny SDXL folder with a 9-channel UNet of the same config, random weights."""
+    build_tiny_sdxl(folder, seed=seed)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"))
+    torch.manual_seed(seed + 1000)
+    UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(
+        folder / "unet", safe_serialization=True
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionXLInpaintPipeline"}))
+    return folder

@@ -170,3 +170,18 @@ def build_tiny_models(root: Path) -> dict[str, Path]:
         "tiny-v": build_tiny_model(root / "tiny-v", V_PRED_SCHEDULER, seed=2),
         "tiny-lcm": build_tiny_model(root / "tiny-lcm", LCM_SCHEDULER, time_cond_proj_dim=16, seed=3),
     }
+
+
+def build_tiny_inpainting_model(folder: Path, scheduler: dict[str, Any], *, seed: int = 0) -> Path:
+    """A tiny SD inpainting checkpoint (``StableDiffusionInpaintPipeline``, as stable-diffusion-inpainting): the
+    tiny SD folder with its UNet replaced by one of the same config reading 9 channels (latent, mask, masked
+    image's latent), random weights."""
+    build_tiny_model(folder, scheduler, seed=seed)
+    config = dict(UNet2DConditionModel.load_config(folder / "unet"))
+    torch.manual_seed(seed + 1000)
+    UNet2DConditionModel.from_config({**config, "in_channels": 9}).save_pretrained(
+        folder / "unet", safe_serialization=True
+    )
+    index = json.loads((folder / "model_index.json").read_text())
+    (folder / "model_index.json").write_text(json.dumps({**index, "_class_name": "StableDiffusionInpaintPipeline"}))
+    return folder

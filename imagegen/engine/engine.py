@@ -13,7 +13,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 
@@ -197,6 +197,9 @@ class ModelEngine:
             model=self.model.name, prompt="", negative_prompt="", n=1, width=d.width, height=d.height, steps=1,
             guidance_scale=d.guidance_scale, seed=0, sampler=d.sampler, eta=0.0, output=OutputSpec(),
         )  # fmt: skip
+        if self.model.family.needs_mask:  # an inpainting model runs inpainting rows only: a grey input, all repainted
+            image, mask = np.full((d.height, d.width, 3), 127, np.uint8), np.ones((d.height, d.width), np.float32)
+            req = replace(req, init_image=image, mask=mask)
         refs = self.runner.admit(req, "warm-up", *conditioning(self.model, req, self.cache))
         try:
             self.runner.step(StepBatch(tuple(refs), sum(r.cost for r in refs), sum(r.cost for r in refs)))

@@ -19,6 +19,7 @@ import torch
 from imagegen.engine.request import GenerationRequest, RowRef
 from imagegen.engine.scheduler import StepBatch, StepResult
 from imagegen.pipeline.families import Conditioning
+from imagegen.pipeline.families.base import at_latent_size, repaint_mask
 from imagegen.pipeline.loading import LoadedModel
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.samplers import Sampler, SamplerPlan, StepOutput
@@ -63,8 +64,8 @@ class RowTensors:
     sampler: Sampler
     plan: SamplerPlan
     generator: torch.Generator  # CPU, seeded seed + image_index
-    cond: Conditioning  # one row
-    uncond: Conditioning | None  # the negative prompt's, when the row runs CFG with an uncond row
+    cond: Conditioning  # one row (with its mask and masked-image latent on an inpainting UNet)
+    uncond: Conditioning | None  # the negative prompt's (and the same image inputs), when the row runs CFG
     guidance_scale: float
     guidance_rescale: float
     previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers
@@ -93,39 +94,38 @@ class Runner:
 
     def admit(self, req: GenerationRequest, job: str, cond: Conditioning, uncond: Conditioning | None) -> list[RowRef]:
         """Rows for every image of a request, initial noise drawn from each row's own generator (in the
-        unpacked latent shape, as the diffusers pipelines draw it)."""
+        unpacked latent shape, as the diffusers pipelines draw it). A model whose denoiser reads a mask
+        (``family.needs_mask``) runs inpainting rows only."""
         family = self.model.family
+        if family.needs_mask and (req.init_image is None or req.mask is None):
+            raise ValueError(f"{self.model.name} is an inpainting model: it needs an input image and a mask")
         sampler = family.samplers[req.sampler]
         plan = family.plan(req.sampler, req.steps, req.eta, req.width, req.height)
         shape = (1, *family.latent_shape(req.width, req.height))
         refs = []
         for i in range(req.n):
             g = row_generator(req.seed, i)
-            start, inpaint = 0, None
+            start, inpaint, row_cond, row_uncond = 0, None, cond, uncond
             if req.init_image is None:
                 x = torch.randn(shape, generator=g, dtype=torch.float32) * plan.init_noise_sigma
             elif not sampler.runs_edits:
                 raise ValueError(f"{sampler.name} does not run edits")
-            else:  # an edit row starts late, its image forward-noised to there (posterior draw first, as diffusers)
-                x0 = family.encode_image(req.init_image, g).cpu()
+            else:
                 start = family.start_step(plan.steps, req.strength)
                 if start >= plan.steps:
                     raise ValueError(f"strength {req.strength} leaves no step of {plan.steps} to run")
-                noise = torch.randn(shape, generator=g, dtype=torch.float32)
-                if req.mask is None:
-                    x = sampler.noised(plan, start, x0, noise)
-                else:
-                    inpaint = self._inpaint(req, x0, noise, g)
-                    # the inpaint pipelines start from pure noise at full strength, else as img2img does
-                    x = noise * plan.init_noise_sigma if start == 0 else sampler.noised(plan, start, x0, noise)
+                x, inpaint, inputs = self._edit(req, sampler, plan, start, shape, g)
+                if inputs is not None:  # an inpainting UNet's mask and masked image, in the uncond row too
+                    row_cond = cond.merged(inputs)
+                    row_uncond = None if uncond is None else uncond.merged(inputs)
             row_id = next(_ids)
             self.rows[row_id] = RowTensors(
                 x=x.to(self.model.device),
                 sampler=sampler,
                 plan=plan,
                 generator=g,
-                cond=cond,
-                uncond=uncond,
+                cond=row_cond,
+                uncond=row_uncond,
                 guidance_scale=req.guidance_scale,
                 guidance_rescale=req.guidance_rescale,
                 inpaint=inpaint,
@@ -133,15 +133,37 @@ class Runner:
             refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2, step=start))
         return refs
 
-    def _inpaint(self, req: GenerationRequest, x0: torch.Tensor, noise: torch.Tensor, g: torch.Generator) -> Inpaint:
-        """The kept region at latent size (nearest, as diffusers resizes the mask). diffusers also samples the
-        masked image's latent (used by 9-channel UNets) from the same generator: the row makes that draw too, so
-        that every later draw (ancestral noise) stays the pipeline's."""
-        assert req.mask is not None
-        repaint = torch.from_numpy((req.mask >= 0.5).astype(np.float32))[None, None]  # (1, 1, H, W)
-        repaint = torch.nn.functional.interpolate(repaint, size=x0.shape[-2:])
+    def _edit(
+        self, req: GenerationRequest, sampler: Sampler, plan: SamplerPlan, start: int, shape: tuple[int, ...],
+        g: torch.Generator,
+    ) -> tuple[torch.Tensor, Inpaint | None, Conditioning | None]:  # fmt: skip
+        """An edit row's initial latent, and what inpaints it: the known region to blend back (a plain denoiser)
+        or the mask and masked image it reads (``needs_mask``). Draws come from the row's generator in the
+        diffusers pipelines' order: the input's posterior (where its latent is used: to start late, to blend),
+        the noise, then for inpainting the masked image's posterior."""
+        assert req.init_image is not None
+        family = self.model.family
+        reads_mask = family.needs_mask
+        # a 9-channel inpaint pipeline at full strength never encodes the input itself, only the masked one
+        x0 = None if reads_mask and start == 0 else family.encode_image(req.init_image, g).cpu()
+        noise = torch.randn(shape, generator=g, dtype=torch.float32)
+        if req.mask is None:
+            assert x0 is not None
+            return sampler.noised(plan, start, x0, noise), None, None
+        # the inpaint pipelines start from pure noise at full strength, else as img2img does
+        x = noise * plan.init_noise_sigma if start == 0 or x0 is None else sampler.noised(plan, start, x0, noise)
+        repaint = repaint_mask(req.mask)  # (1, 1, H, W)
+        if reads_mask:
+            return x, None, family.mask_conditioning(req.init_image, repaint, g)
+        assert x0 is not None
+        return x, self._inpaint(repaint, x0, noise, g), None
+
+    def _inpaint(self, repaint: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor, g: torch.Generator) -> Inpaint:
+        """The kept region at latent size. The pipelines also sample the masked image's latent (what 9-channel
+        UNets read) from the same generator: the row makes that draw too, so that every later draw (ancestral
+        noise) stays the pipeline's."""
         torch.randn(x0.shape, generator=g, dtype=torch.float32)  # the masked image's posterior draw, unused here
-        return Inpaint(known=x0, keep=1 - repaint, noise=noise)
+        return Inpaint(known=x0, keep=1 - at_latent_size(repaint, x0.shape[-2:]), noise=noise)
 
     def drop(self, ids: Sequence[int]) -> None:
         for row_id in ids:

@@ -68,6 +68,11 @@ class TextEncoder:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
 
+def normalized(pixels: np.ndarray) -> torch.Tensor:
+    """An image (H, W, 3) uint8 → (1, 3, H, W) float32 in [-1, 1], as diffusers' image processor makes it."""
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].to(torch.float32) / 255 * 2 - 1
+
+
 @dataclass(frozen=True, eq=False)
 class Decoder:
     vae: AutoencoderKL
@@ -98,11 +103,15 @@ class Decoder:
         shift = getattr(cfg, "shift_factor", None) or 0.0
         return (z - shift) * cfg.scaling_factor
 
-    @torch.inference_mode()
     def encode(self, pixels: np.ndarray, generator: torch.Generator) -> torch.Tensor:
         """One image (H, W, 3) uint8 → its latent (1, C, h, w) fp32 in the denoiser's space: a sample of the
         VAE's posterior drawn from ``generator``, as diffusers' img2img pipelines draw it (before the noise)."""
-        x = torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)[None].to(torch.float32) / 255 * 2 - 1
+        return self.encode_normalized(normalized(pixels), generator)
+
+    @torch.inference_mode()
+    def encode_normalized(self, x: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Pixels (1, 3, H, W) in [-1, 1] → their latent, as ``encode``: the masked image an inpainting UNet
+        reads has its repainted pixels at 0 (mid grey), which no uint8 value is."""
         dist = self.vae.encode(x.to(self.vae.device, self.vae.dtype)).latent_dist
         return self.scale(dist.sample(generator).to(torch.float32))
 

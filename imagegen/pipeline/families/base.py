@@ -59,7 +59,9 @@ class Placement:
 @dataclass(frozen=True, eq=False)
 class Conditioning:
     """What prompts give the denoiser: named tensors whose dim 0 is the row, so bundles stack along the batch
-    (token states, pooled embeddings…). Every tensor lives on the denoiser's device."""
+    (token states, pooled embeddings…), and a row's own image inputs where the denoiser reads them (an
+    inpainting UNet's mask and masked-image latent, in every row of such a model, uncond rows too). Every tensor
+    lives on the denoiser's device."""
 
     tensors: Mapping[str, torch.Tensor]
 
@@ -77,8 +79,16 @@ class Conditioning:
     def select(self, index: torch.Tensor) -> Conditioning:
         return Conditioning({k: v[index] for k, v in self.tensors.items()})
 
+    def merged(self, other: Conditioning) -> Conditioning:
+        """This bundle with ``other``'s tensors added (a prompt's conditioning and a row's image inputs)."""
+        return Conditioning({**self.tensors, **other.tensors})
+
     @staticmethod
     def cat(parts: Sequence[Conditioning]) -> Conditioning:
+        """Bundles stacked along the batch; they must name the same tensors (a missing one is a bug, not zeros)."""
+        names = set(parts[0].tensors)
+        if any(set(p.tensors) != names for p in parts[1:]):
+            raise ValueError(f"conditioning bundles differ: {sorted({k for p in parts for k in p.tensors})}")
         return Conditioning({k: torch.cat([p.tensors[k] for p in parts]) for k in parts[0].tensors})
 
 
@@ -140,6 +150,12 @@ class ModelFamily(ABC):
         """Image sides must be multiples of this (VAE factor × the denoiser's downsampling or patching)."""
 
     @property
+    def needs_mask(self) -> bool:
+        """The denoiser reads a mask and the masked image beside its latent (SD's 9-channel inpainting UNets): it
+        runs inpainting rows only, each with an input image and a mask."""
+        return False
+
+    @property
     def max_side(self) -> int | None:
         """The longest image side the denoiser can take at all (SD3's learned position table), None: no bound."""
         return None
@@ -162,9 +178,26 @@ class ModelFamily(ABC):
         """An input image (H, W, 3) uint8 → its latent (1, C, h, w) for an edit row (img2img starts from it)."""
         return self.decoder.encode(pixels, generator)
 
+    def mask_conditioning(self, pixels: np.ndarray, repaint: torch.Tensor, generator: torch.Generator) -> Conditioning:
+        """An inpainting row's image inputs (one row), for a family that ``needs_mask``: pixels (H, W, 3) uint8,
+        repaint (1, 1, H, W) 0/1 (1 repaints); a posterior sample of the masked image is drawn from
+        ``generator``."""
+        raise NotImplementedError(f"{self.name} takes no mask input")
+
     def decode(self, latents: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
         """Latents (B, C, h, w) → uint8 images (B, H, W, 3) and (B,) bool: latent and pixels all finite."""
         return self.decoder.decode(latents)
+
+
+def repaint_mask(mask: np.ndarray) -> torch.Tensor:
+    """A request's mask (H, W) float → (1, 1, H, W) float32 of 0/1, 1 repaints: binarised at 0.5, as diffusers'
+    mask processor does."""
+    return torch.from_numpy((mask >= 0.5).astype(np.float32))[None, None]
+
+
+def at_latent_size(repaint: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
+    """The mask at the latent's (h, w): nearest, as the inpaint pipelines' ``prepare_mask_latents`` resize it."""
+    return torch.nn.functional.interpolate(repaint, size=tuple(size))
 
 
 def vp_samplers(schedule: NoiseSchedule, distilled: bool) -> dict[str, Sampler]:

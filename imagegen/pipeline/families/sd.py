@@ -1,5 +1,11 @@
 """Stable Diffusion 1.x / 2.x: one text encoder (CLIP, or any BERT-like encoder), a UNet, a VAE; VP schedule
-with ε-, v- or x0-prediction; CFG with an uncond row, or LCM's guidance embedding on a distilled UNet."""
+with ε-, v- or x0-prediction; CFG with an uncond row, or LCM's guidance embedding on a distilled UNet.
+
+Inpainting checkpoints (``StableDiffusionInpaintPipeline``) have a 9-channel UNet: the latent (4), the mask at
+latent size (1) and the masked image's latent (4), concatenated after the input scaling as the pipeline does for
+``num_channels_unet == 9``. Those two extra inputs are a row's own conditioning (uncond rows read the same), so
+rows of several requests share a forward; the kept region is not blended back (the UNet sees it).
+"""
 
 from __future__ import annotations
 
@@ -7,16 +13,18 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from diffusers import AutoencoderKL, UNet2DConditionModel
 from transformers import AutoModel, AutoTokenizer, CLIPTextModel
 
-from imagegen.pipeline.components import Decoder, TextEncoder
+from imagegen.pipeline.components import Decoder, TextEncoder, normalized
 from imagegen.pipeline.families.base import (
     Conditioning,
     FamilyDefaults,
     ModelFamily,
     Placement,
+    at_latent_size,
     default_sampler,
     vp_samplers,
 )
@@ -44,32 +52,57 @@ def unet_downsample(unet: UNet2DConditionModel) -> int:
     return int(2 ** (len(unet.config.block_out_channels) - 1))
 
 
+def check_unet_inputs(unet: UNet2DConditionModel, vae: AutoencoderKL) -> None:
+    """A UNet reads the VAE's latent, or (inpainting) the latent, a mask and the masked image's latent."""
+    latent, inputs = int(vae.config.latent_channels), int(unet.config.in_channels)
+    if inputs not in (latent, 2 * latent + 1):
+        raise ValueError(f"a UNet with {inputs} input channels over a {latent}-channel VAE is not served")
+
+
 class UNetFamily(ModelFamily):
-    """What the UNet families (SD, SDXL) share: their latent geometry and the UNet forward."""
+    """What the UNet families (SD, SDXL) share: their latent geometry, inpainting UNets' extra inputs and the
+    UNet forward."""
 
     unet: UNet2DConditionModel
     guidance_embedding_dim: int | None  # LCM-distilled UNets: w enters as an embedding
 
     @property
     def latent_channels(self) -> int:
-        return int(self.unet.config.in_channels)
+        """The VAE's: an inpainting UNet's input has more channels than the latent it denoises."""
+        return int(self.decoder.vae.config.latent_channels)
+
+    @property
+    def needs_mask(self) -> bool:
+        return int(self.unet.config.in_channels) == 2 * self.latent_channels + 1
 
     @property
     def size_multiple(self) -> int:
         return self.decoder.scale_factor * unet_downsample(self.unet)
 
+    def mask_conditioning(self, pixels: np.ndarray, repaint: torch.Tensor, generator: torch.Generator) -> Conditioning:
+        """The mask at latent size and the latent of the image with its repainted pixels zeroed (``image *
+        (mask < 0.5)`` in [-1, 1]), its posterior drawn from ``generator`` as ``prepare_mask_latents`` draws it."""
+        masked = self.decoder.encode_normalized(normalized(pixels) * (repaint < 0.5), generator)
+        device = self.placement.device
+        mask = at_latent_size(repaint, masked.shape[-2:])
+        return Conditioning({"mask": mask.to(device), "masked_image": masked.to(device)})
+
     def unet_forward(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor, guidance: torch.Tensor | None,
+        self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None,
         added: dict[str, torch.Tensor] | None = None,
     ) -> torch.Tensor:  # fmt: skip
+        """x (B, C, h, w) the scaled model input; an inpainting UNet gets it with each row's mask and masked-image
+        latent, (B, 2C + 1, h, w)."""
         dtype, device = self.unet.dtype, self.unet.device
+        if self.needs_mask:
+            x = torch.cat([x, cond["mask"].to(x), cond["masked_image"].to(x)], dim=1)
         w_embedding = None
         if self.guidance_embedding_dim is not None and guidance is not None:
             w_embedding = guidance_embedding(guidance, self.guidance_embedding_dim).to(device, dtype)
         out = self.unet(
             x.to(device, dtype),
             t.to(device),
-            encoder_hidden_states=context.to(device, dtype),
+            encoder_hidden_states=cond["context"].to(device, dtype),
             timestep_cond=w_embedding,
             added_cond_kwargs=added,
             return_dict=False,
@@ -79,7 +112,9 @@ class UNetFamily(ModelFamily):
 
 class StableDiffusion(UNetFamily):
     name = "sd"
-    pipelines = frozenset({"StableDiffusionPipeline", "LatentConsistencyModelPipeline"})
+    pipelines = frozenset(
+        {"StableDiffusionPipeline", "StableDiffusionInpaintPipeline", "LatentConsistencyModelPipeline"}
+    )
 
     def __init__(
         self, text_encoder: TextEncoder, unet: UNet2DConditionModel, decoder: Decoder, schedule: NoiseSchedule,
@@ -94,6 +129,7 @@ class StableDiffusion(UNetFamily):
         self.guidance_embedding_dim = int(dim) if dim else None  # LCM: w enters as an embedding
         self.guidance = "embedded" if distilled else "cfg"
         self.samplers = vp_samplers(schedule, distilled)
+        check_unet_inputs(unet, decoder.vae)
 
     @classmethod
     def load(cls, folder: Path, index: Mapping[str, Any], placement: Placement) -> StableDiffusion:
@@ -127,4 +163,4 @@ class StableDiffusion(UNetFamily):
     def denoise(
         self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning, guidance: torch.Tensor | None
     ) -> torch.Tensor:
-        return self.unet_forward(x, t, cond["context"], guidance)
+        return self.unet_forward(x, t, cond, guidance)

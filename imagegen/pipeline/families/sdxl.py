@@ -10,6 +10,11 @@ even "", is encoded. The micro-conditioning ``time_ids`` (original size, crop to
 
 CFG with an uncond row; an LCM-distilled UNet (``time_cond_proj_dim``) takes w as an embedding instead. LCM-LoRA
 folders (LCMScheduler, no w-embedding) get the LCM sampler and keep CFG, as the diffusers pipeline does.
+
+``StableDiffusionXLInpaintPipeline`` folders load here too: a plain UNet inpaints by blending the kept region, a
+9-channel one reads the mask and masked image as SD's does (``UNetFamily``). Their time ids are the base
+pipeline's; folders that ask for aesthetic-score time ids (``requires_aesthetics_score``, the refiner's) are not
+served.
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from imagegen.pipeline.families.base import (
     default_sampler,
     vp_samplers,
 )
-from imagegen.pipeline.families.sd import UNetFamily
+from imagegen.pipeline.families.sd import UNetFamily, check_unet_inputs
 from imagegen.pipeline.folders import has_component, load_module, read_json, resolve_component
 from imagegen.samplers.schedules import NoiseSchedule
 
@@ -47,7 +52,7 @@ def load_clip(folder: Path, tokenizer: str, encoder: str, cls: type[CLIPTextMode
 
 class StableDiffusionXL(UNetFamily):
     name = "sdxl"
-    pipelines = frozenset({"StableDiffusionXLPipeline"})
+    pipelines = frozenset({"StableDiffusionXLPipeline", "StableDiffusionXLInpaintPipeline"})
 
     def __init__(
         self, text_encoder: TextEncoder, text_encoder_2: TextEncoder, unet: UNet2DConditionModel, decoder: Decoder,
@@ -66,12 +71,15 @@ class StableDiffusionXL(UNetFamily):
         # The pipeline runs CFG whenever the UNet has no w-embedding, an LCM scheduler or not
         self.guidance = "embedded" if self.guidance_embedding_dim is not None else "cfg"
         self.samplers = vp_samplers(schedule, distilled)
+        check_unet_inputs(unet, decoder.vae)
 
     @classmethod
     def load(cls, folder: Path, index: Mapping[str, Any], placement: Placement) -> StableDiffusionXL:
         for name in ("tokenizer", "text_encoder", "tokenizer_2", "text_encoder_2"):
             if not has_component(folder, index, name):
                 raise ValueError(f"{folder.name}: SDXL needs both CLIP text encoders; {name} is missing")
+        if index.get("requires_aesthetics_score"):
+            raise ValueError(f"{folder.name}: aesthetic-score time ids (the SDXL refiner's) are not served")
         scheduler_cfg = read_json(folder / "scheduler" / "scheduler_config.json")
         unet = load_module(UNet2DConditionModel, folder / "unet", placement.device, placement.dtype)
         # SDXL's VAE overflows in fp16: the pipeline decodes in fp32 when the VAE says force_upcast
@@ -122,4 +130,4 @@ class StableDiffusionXL(UNetFamily):
         # (original_size, crops_coords_top_left, target_size), each (height, width); uncond rows share them
         time_ids = torch.tensor([h * f, w * f, 0, 0, h * f, w * f], dtype=dtype, device=device).expand(b, -1)
         added = {"text_embeds": cond["pooled"].to(device, dtype), "time_ids": time_ids}
-        return self.unet_forward(x, t, cond["context"], guidance, added)
+        return self.unet_forward(x, t, cond, guidance, added)
