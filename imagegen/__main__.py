@@ -24,13 +24,14 @@ def main(argv: list[str] | None = None) -> None:
     check.add_argument("files", nargs="+", type=Path)
     args = parser.parse_args(argv)
     if args.command == "verify":
-        from imagegen.gate.verify import VerifyError, verify
+        from imagegen.gate.verify import verify
+        from imagegen.uploads import UploadError
 
         failed = False
         for path in args.files:
             try:
                 print(json.dumps({"file": str(path), **verify(path.read_bytes())}, indent=2))
-            except (VerifyError, OSError) as exc:
+            except (UploadError, OSError) as exc:
                 print(f"{path}: {exc}", file=sys.stderr)
                 failed = True
         sys.exit(1 if failed else 0)

@@ -18,12 +18,14 @@ from fastapi import FastAPI
 
 from imagegen import __version__
 from imagegen.api import (
+    routes_edits,
     routes_health,
     routes_images,
     routes_jobs,
     routes_models,
     routes_review_page,
     routes_reviews,
+    routes_sdapi,
     routes_verify,
 )
 from imagegen.api.deps import Services, StreamSlots
@@ -173,6 +175,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     install_error_handlers(app)
     routers = (
         routes_images,
+        routes_edits,
+        routes_sdapi,
         routes_jobs,
         routes_models,
         routes_reviews,

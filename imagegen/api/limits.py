@@ -13,7 +13,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from imagegen.api.errors import error_response
 
-UPLOAD_PATHS = frozenset({"/v1/verify"})  # routes whose body is an image, not JSON
+UPLOAD_PATHS = frozenset({"/v1/verify", "/v1/images/edits", "/sdapi/v1/img2img"})  # bodies that carry images
 
 
 class BodyTooLarge(HTTPException):

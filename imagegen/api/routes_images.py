@@ -31,10 +31,9 @@ from imagegen.pipeline.loading import LoadedModel
 router = APIRouter()
 
 
-def screen(services: Services, body: ImageGenerationBody, req: GenerationRequest, caller: Caller) -> GenerationRequest:
+def screen(services: Services, use: Use, req: GenerationRequest, caller: Caller) -> GenerationRequest:
     """The gate's policy on the declared use and on the prompt as the model's tokenizer reads it: blocked
     requests never reach the engine, held ones are generated but kept for a reviewer."""
-    use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
     readings = services.models[req.model].family.read_back(req.prompt)
     screening = services.gate.screen(use, req.prompt, caller.name, readings)
     if screening.verdict == "block":
@@ -67,8 +66,24 @@ async def generate(
 ) -> ImagesResponse | JSONResponse:
     engine = ready_engine(services)
     resolved = resolve(body, services.models, services.settings, request_id())
+    if services.models[resolved.model].family.needs_mask:
+        raise APIError(400, "mask_required", f"{resolved.model} is an inpainting model: use /v1/images/edits", "model")
+    use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
+    return await run(services, engine, caller, request, prefer, use, resolved)
+
+
+async def run(
+    services: Services,
+    engine: Engine,
+    caller: Caller,
+    request: Request,
+    prefer: str | None,
+    use: Use,
+    resolved: GenerationRequest,
+) -> ImagesResponse | JSONResponse:
+    """Screen, charge and run a resolved request: answered when done, or queued as a job (``respond-async``)."""
     # Tokenizing and normalising a long prompt takes milliseconds: off the event loop, like all real work.
-    req = await asyncio.to_thread(screen, services, body, resolved, caller)
+    req = await asyncio.to_thread(screen, services, use, resolved, caller)
     respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})

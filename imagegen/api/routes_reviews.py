@@ -32,6 +32,7 @@ ERROR_STATUS = {
     "review_pending": 409,
     "review_rejected": 410,
     "review_unavailable": 503,
+    "review_has_no_input": 404,
 }
 
 
@@ -78,6 +79,13 @@ async def get_review(review_id: str, services: ServicesDep, _: ReviewCaller) -> 
 async def held_image(review_id: str, services: ServicesDep, who: ReviewCaller) -> Response:
     png = await call(gate(services).held_image, review_id, who.name)
     return Response(png, media_type="image/png", headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/reviews/{review_id}/input")
+async def held_input(review_id: str, services: ServicesDep, who: ReviewCaller) -> Response:
+    """A held edit's input file, as uploaded: reviewers compare it with the output before deciding."""
+    data, media_type = await call(gate(services).held_input, review_id, who.name)
+    return Response(data, media_type=media_type, headers={"Cache-Control": "no-store"})
 
 
 @router.post("/v1/reviews/{review_id}/approve")

@@ -19,7 +19,8 @@ from fastapi import APIRouter, FastAPI, Request
 from imagegen.api.access import CallerDep, charge
 from imagegen.api.deps import ServicesDep
 from imagegen.api.errors import APIError
-from imagegen.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, VerifyError, verify
+from imagegen.gate.verify import verify
+from imagegen.uploads import ImageTooLarge, InvalidImage, NotAnImage, UploadError
 
 router = APIRouter()
 T = TypeVar("T")
@@ -73,7 +74,7 @@ def verify_pool(app: FastAPI, workers: int) -> VerifyPool:
     return pool
 
 
-def _refusal(exc: VerifyError) -> APIError:
+def _refusal(exc: UploadError) -> APIError:
     if isinstance(exc, NotAnImage):
         return APIError(415, "unsupported_media_type", "send a PNG, JPEG or WebP image", headers=_NO_RETRY)
     if isinstance(exc, ImageTooLarge):
@@ -102,7 +103,7 @@ async def verify_image(request: Request, services: ServicesDep, caller: CallerDe
         running = True
         try:
             return await asyncio.wrap_future(future)
-        except VerifyError as exc:
+        except UploadError as exc:
             raise _refusal(exc) from exc
     finally:
         if not running:

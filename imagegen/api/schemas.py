@@ -60,6 +60,55 @@ class ImageGenerationBody(BaseModel):
     contains_logo: bool = Field(False, strict=True)
 
 
+class EditFields(BaseModel):
+    """The non-file fields of POST /v1/images/edits (multipart, so every value arrives as text: lax types)."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    prompt: Text
+    model: Text | None = Field(None, max_length=256)
+    n: int = 1
+    size: Text | None = Field(None, max_length=32, description='"WxH"; without it, the aspect of the input')
+    response_format: Text | None = Field(None, max_length=32)
+    output_format: Literal["png", "jpeg", "webp"] = "png"
+    output_compression: int | None = Field(None, ge=0, le=100)
+    user: Text | None = Field(None, max_length=256)
+    # Accepted for OpenAI compatibility; they do not change diffusion sampling.
+    quality: Text | None = Field(None, max_length=256)
+    background: Text | None = Field(None, max_length=256)
+    moderation: Text | None = Field(None, max_length=256)
+    input_fidelity: Text | None = Field(None, max_length=256)
+    safety_identifier: Text | None = Field(None, max_length=256)
+    stream: bool = False
+    partial_images: int | None = Field(None, ge=0, le=3)
+    # Diffusion and edit fields.
+    negative_prompt: Text | None = None
+    num_inference_steps: int | None = None
+    guidance_scale: float | None = None
+    guidance_rescale: float | None = Field(None, ge=0.0, le=1.0)
+    seed: int | None = Field(None, ge=0, le=2**32 - 1)
+    sampler: Text | None = Field(None, max_length=64)
+    eta: float | None = Field(None, ge=0.0, le=1.0)
+    strength: float | None = Field(None, gt=0.0, le=1.0, description="how much of the plan re-draws the input")
+    preserve_unmasked: bool | None = Field(None, description="put the input's pixels back where the mask keeps them")
+    resize_mode: Literal["crop", "stretch", "pad"] = "crop"
+    image_x: int | None = Field(None, ge=0, description="pad: the fitted image's left edge on the canvas")
+    image_y: int | None = Field(None, ge=0, description="pad: the fitted image's top edge on the canvas")
+    asset_type: Text = Field("campaign_background", max_length=64)
+    claims_real_sku: bool = False
+    contains_logo: bool = False
+
+
+class KeptOut(BaseModel):
+    """An edit's pixels that are the input's own (composited back before labelling)."""
+
+    pixels: int
+    blended: int
+    fraction: float
+    box: tuple[int, int, int, int] | None
+    mask_sha256: str
+
+
 class GenerationRecordOut(BaseModel):
     model: str
     sampler: str
@@ -71,6 +120,8 @@ class GenerationRecordOut(BaseModel):
     width: int
     height: int
     negative_prompt: str
+    strength: float | None = None
+    input_sha256: str | None = None
 
 
 class ReleaseOut(BaseModel):
@@ -79,6 +130,7 @@ class ReleaseOut(BaseModel):
     reasons: list[str]
     sha256: str | None
     watermark_payload: str | None
+    kept: KeptOut | None = None  # edits with preserve_unmasked
 
 
 class ImageOut(BaseModel):
@@ -127,6 +179,7 @@ class ImageOut(BaseModel):
                 reasons=list(image.decision.reasons),
                 sha256=image.sha256,
                 watermark_payload=image.decision.watermark,
+                kept=None if image.decision.kept is None else KeptOut(**image.decision.kept.as_dict()),
             ),
         )
 

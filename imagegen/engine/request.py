@@ -16,6 +16,7 @@ if TYPE_CHECKING:
     from imagegen.gate import ReleasedImage
     from imagegen.gate.gate import Screening
     from imagegen.gate.release import HeldForReview
+    from imagegen.uploads import Upload
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,8 @@ class GenerationRequest:
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) float: 1 repaints, 0 keeps
+    preserve_unmasked: bool = False  # the gate puts the input's pixels back where the mask is 0
+    edit_source: Upload | None = field(default=None, compare=False, repr=False)  # the input file, as uploaded
 
 
 @dataclass(frozen=True)

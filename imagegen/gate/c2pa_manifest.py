@@ -1,8 +1,10 @@
 """C2PA Content Credentials, signed last: any byte changed afterwards breaks the manifest.
 
 The manifest states one action, ``c2pa.created`` with the IPTC digital source type
-``trainedAlgorithmicMedia``, and who made it (``claim_generator_info``); no thumbnail. Signing uses
-ES256 with a certificate chain from settings, or a development chain generated on first start (valid
+``trainedAlgorithmicMedia``, and who made it (``claim_generator_info``); no thumbnail. An edit's manifest has the
+input file as its ``parentOf`` ingredient, ``c2pa.opened`` on it, then ``c2pa.edited`` with
+``compositeWithTrainedAlgorithmicMedia``; an input that carries Content Credentials of its own keeps them there.
+Signing uses ES256 with a certificate chain from settings, or a development chain generated on first start (valid
 signatures, but the signer is untrusted: /readyz and the logs say so).
 """
 
@@ -26,7 +28,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from imagegen.gate.labels import DIGITAL_SOURCE_TYPE
+from imagegen.gate.labels import COMPOSITE_SOURCE_TYPE, DIGITAL_SOURCE_TYPE
 
 log = logging.getLogger(__name__)
 _NO_THUMBNAIL = {"builder": {"thumbnail": {"enabled": False}}}
@@ -104,6 +106,27 @@ class SigningIdentity:
         return cls(chain, pem, development=True)
 
 
+@dataclass(frozen=True)
+class Ingredient:
+    """An edit's input file, as the user uploaded it."""
+
+    data: bytes
+    media_type: str
+    kept_pixels: bool  # the input's pixels outside the mask were composited back
+
+
+def _edit_actions(ingredient: Ingredient) -> list[dict[str, Any]]:
+    generated = (
+        "new pixels generated inside the mask; every pixel outside it is the input's own"
+        if ingredient.kept_pixels
+        else "the input re-drawn by a trained model"
+    )
+    return [
+        {"action": "c2pa.opened", "parameters": {"ingredientIds": ["input"]}},
+        {"action": "c2pa.edited", "digitalSourceType": COMPOSITE_SOURCE_TYPE, "parameters": {"description": generated}},
+    ]
+
+
 class ManifestSigner:
     def __init__(
         self, identity: SigningIdentity, tsa_url: str | None = None, on_sign: Callable[[float], None] | None = None
@@ -117,19 +140,34 @@ class ManifestSigner:
         self._context = c2pa.Context(settings=c2pa.Settings.from_dict(_NO_THUMBNAIL))
         self._lock = threading.Lock()  # one native signer, shared by the release threads of every model
 
-    def sign(self, data: bytes, media_type: str, title: str, generator: str, version: str) -> bytes:
+    def sign(
+        self,
+        data: bytes,
+        media_type: str,
+        title: str,
+        generator: str,
+        version: str,
+        ingredient: Ingredient | None = None,
+    ) -> bytes:
+        actions = (
+            [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE}]
+            if ingredient is None
+            else _edit_actions(ingredient)
+        )
         manifest = {
             "claim_generator_info": [{"name": generator, "version": version}],
             "title": title,
-            "assertions": [
-                {"label": "c2pa.actions",
-                 "data": {"actions": [{"action": "c2pa.created", "digitalSourceType": DIGITAL_SOURCE_TYPE}]}}
-            ],
-        }  # fmt: skip
+            "assertions": [{"label": "c2pa.actions", "data": {"actions": actions}}],
+        }
         out = io.BytesIO()
         with self._lock:
             started = time.perf_counter()
-            c2pa.Builder(manifest, self._context).sign(self._signer, media_type, io.BytesIO(data), out)
+            builder = c2pa.Builder(manifest, self._context)
+            if ingredient is not None:
+                extension = ingredient.media_type.rpartition("/")[2]
+                spec = {"title": f"input.{extension}", "relationship": "parentOf", "label": "input"}
+                builder.add_ingredient(spec, ingredient.media_type, io.BytesIO(ingredient.data))
+            builder.sign(self._signer, media_type, io.BytesIO(data), out)
             self.on_sign(time.perf_counter() - started)
         return out.getvalue()
 

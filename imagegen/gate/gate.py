@@ -8,6 +8,7 @@ labels or writes the review queue.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
@@ -15,8 +16,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from imagegen.gate.c2pa_manifest import ManifestSigner
+from imagegen.gate.composite import composite
 from imagegen.gate.policy import Policy, Use
-from imagegen.gate.release import GenerationRecord, HeldForReview, ReleasedImage, release
+from imagegen.gate.release import EditInput, GenerationRecord, HeldForReview, ReleasedImage, release
 from imagegen.state.reviews import Review, ReviewError, ReviewStatus, ReviewStore
 
 if TYPE_CHECKING:
@@ -54,7 +56,23 @@ def image_record(req: GenerationRequest, image_index: int) -> GenerationRecord:
         eta=req.eta,
         width=req.width,
         height=req.height,
+        strength=None if req.init_image is None else req.strength,
+        input_sha256=None if req.edit_source is None else hashlib.sha256(req.edit_source.data).hexdigest(),
     )
+
+
+def edit_inputs(req: GenerationRequest, pixels: np.ndarray) -> tuple[np.ndarray, list[EditInput | None]]:
+    """An edit's outputs with the input's kept pixels put back (``preserve_unmasked``), and what each kept."""
+    if req.edit_source is None:
+        return pixels, [None] * len(pixels)
+    if not (req.preserve_unmasked and req.mask is not None and req.init_image is not None):
+        return pixels, [EditInput(req.edit_source.data, req.edit_source.media_type, None)] * len(pixels)
+    out, edits = [], list[EditInput | None]()
+    for generated in pixels:
+        kept_pixels, kept = composite(generated, req.init_image, req.mask)
+        out.append(kept_pixels)
+        edits.append(EditInput(req.edit_source.data, req.edit_source.media_type, kept))
+    return np.stack(out), edits
 
 
 class Gate:
@@ -84,16 +102,25 @@ class Gate:
         if screening is None or screening.verdict == "block":
             raise GateClosed("the request was not screened")  # a bug upstream: never release unscreened work
         records = [image_record(req, i) for i in range(req.n)]
+        pixels, edits = edit_inputs(req, pixels)  # before any label: the kept pixels are the user's own
         fmt, compression = req.output.format, req.output.compression
         if screening.verdict == "hold":
             if self.reviews is None:
                 raise GateClosed("the policy held an image but no review store is open")
             use = asdict(screening.use)
             ids = self.reviews.hold(
-                list(zip(pixels, records, strict=True)), screening.reasons, use, fmt, compression, screening.requester
+                list(zip(pixels, records, strict=True)),
+                screening.reasons,
+                use,
+                fmt,
+                compression,
+                screening.requester,
+                edits,
             )
             return [HeldForReview(i, r, screening.reasons) for i, r in zip(ids, records, strict=True)]
-        images = [release(p, r, fmt, compression, self.signer) for p, r in zip(pixels, records, strict=True)]
+        images = [
+            release(p, r, fmt, compression, self.signer, e) for p, r, e in zip(pixels, records, edits, strict=True)
+        ]
         if self.reviews is not None:
             self.reviews.record_releases(images, screening.requester)
         return list(images)
@@ -106,9 +133,9 @@ class Gate:
     def approve(self, review_id: str, reviewer: str) -> Review:
         """Label and sign a held image now; the store records it only if nobody decided meanwhile."""
         reviews = self._store()
-        review, pixels = reviews.pending(review_id)
+        review, pixels, edit = reviews.pending(review_id)
         # Signing (maybe against a remote time-stamp authority) holds no lock of the store.
-        image = release(pixels, review.record, review.format, review.compression, self.signer)
+        image = release(pixels, review.record, review.format, review.compression, self.signer, edit)
         return reviews.mark_approved(review_id, reviewer, image)
 
     def reject(self, review_id: str, reviewer: str, note: str = "") -> Review:
@@ -124,6 +151,9 @@ class Gate:
 
     def held_image(self, review_id: str, viewer: str) -> bytes:
         return self._store().held_pixels(review_id, viewer)
+
+    def held_input(self, review_id: str, viewer: str) -> tuple[bytes, str]:
+        return self._store().held_input(review_id, viewer)
 
     def result(self, review_id: str, fetcher: str, owner_only: bool) -> tuple[Review, bytes]:
         return self._store().released(review_id, fetcher, owner_only)

@@ -1,7 +1,8 @@
 """Machine-readable 'this is synthetic' labels written into the encoded file.
 
-IPTC Photo Metadata 2025.1: Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia, plus the AI
-system used and its version. PNG also carries the generation parameters as a text chunk.
+IPTC Photo Metadata 2025.1: Iptc4xmpExt:DigitalSourceType = trainedAlgorithmicMedia (an edit of a user's
+image: compositeWithTrainedAlgorithmicMedia), plus the AI system used and its version. PNG
+also carries the generation parameters as a text chunk.
 """
 
 from __future__ import annotations
@@ -15,17 +16,18 @@ import numpy as np
 from PIL import Image, PngImagePlugin
 
 DIGITAL_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
+COMPOSITE_SOURCE_TYPE = "http://cv.iptc.org/newscodes/digitalsourcetype/compositeWithTrainedAlgorithmicMedia"
 PARAMETERS_KEY = "imagegen:parameters"
 MEDIA_TYPES = {"png": "image/png", "jpeg": "image/jpeg", "webp": "image/webp"}
 
 
-def xmp_packet(system: str, version: str) -> bytes:
+def xmp_packet(system: str, version: str, source_type: str = DIGITAL_SOURCE_TYPE) -> bytes:
     return (
         '<?xpacket begin="\ufeff" id="W5M0MpCehiHzreSzNTczkc9d"?>'
         '<x:xmpmeta xmlns:x="adobe:ns:meta/">'
         '<rdf:RDF xmlns:rdf="http://www.w3.org/1999/02/22-rdf-syntax-ns#">'
         '<rdf:Description rdf:about="" xmlns:Iptc4xmpExt="http://iptc.org/std/Iptc4xmpExt/2008-02-29/">'
-        f"<Iptc4xmpExt:DigitalSourceType>{DIGITAL_SOURCE_TYPE}</Iptc4xmpExt:DigitalSourceType>"
+        f"<Iptc4xmpExt:DigitalSourceType>{source_type}</Iptc4xmpExt:DigitalSourceType>"
         f"<Iptc4xmpExt:AISystemUsed>{escape(system)}</Iptc4xmpExt:AISystemUsed>"
         f"<Iptc4xmpExt:AISystemVersionUsed>{escape(version)}</Iptc4xmpExt:AISystemVersionUsed>"
         "</rdf:Description></rdf:RDF></x:xmpmeta>"

@@ -3,7 +3,8 @@
 SQLite by default (a file under the state folder); PostgreSQL when a ``postgresql://`` URL is given,
 so that several replicas behind a load balancer share one queue. A decision is a conditional UPDATE
 (``status = 'pending'``), so two reviewers or two replicas cannot both decide. Held images are stored as
-unlabelled PNG pixels; the gate labels and signs them on approval, outside any lock of this store.
+unlabelled PNG pixels; the gate labels and signs them on approval, outside any lock of this store. A held edit
+keeps its input file beside it, for the reviewer to compare (and for the manifest's ingredient on approval).
 """
 
 from __future__ import annotations
@@ -23,7 +24,8 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image
 
-from imagegen.gate.release import GenerationRecord, ReleasedImage
+from imagegen.gate.composite import KeptRegion
+from imagegen.gate.release import EditInput, GenerationRecord, ReleasedImage
 from imagegen.state.database import Database, Execute
 
 ReviewStatus = Literal["pending", "approved", "rejected"]
@@ -45,7 +47,10 @@ CREATE TABLE IF NOT EXISTS reviews (
     note TEXT,
     released BYTEA,
     released_sha256 TEXT,
-    requester TEXT
+    requester TEXT,
+    input BYTEA,
+    input_type TEXT,
+    kept TEXT
 );
 CREATE TABLE IF NOT EXISTS audit (
     seq SERIAL_KEY,
@@ -59,10 +64,9 @@ CREATE TABLE IF NOT EXISTS audit (
 """
 
 
-# Stores made before requesters were recorded; SQLite has no IF NOT EXISTS here (see _add_column).
-POSTGRES_MIGRATIONS = """
-ALTER TABLE reviews ADD COLUMN IF NOT EXISTS requester TEXT;
-"""
+# Columns added since the first schema: (name, type). SQLite has no IF NOT EXISTS here (see _add_column).
+ADDED_COLUMNS = (("requester", "TEXT"), ("input", "BYTEA"), ("input_type", "TEXT"), ("kept", "TEXT"))
+POSTGRES_MIGRATIONS = "".join(f"ALTER TABLE reviews ADD COLUMN IF NOT EXISTS {c} {t};\n" for c, t in ADDED_COLUMNS)
 PROBE_MAX_AGE_SECONDS = 1.0  # readiness probes every second share one ping
 
 
@@ -80,6 +84,8 @@ class Review:
     released_sha256: str | None
     requester: str | None = None  # the API key that asked for the image: the one that may fetch it
     compression: int | None = None
+    input_type: str | None = None  # an edit's: the media type of its input file (kept beside the output)
+    kept: dict[str, Any] | None = None  # an edit's KeptRegion, where the input's pixels were composited back
 
 
 class ReviewError(Exception):
@@ -99,7 +105,8 @@ class ReviewStore:
         schema = SCHEMA + (POSTGRES_MIGRATIONS if postgres else "")
         self._db = Database(url, schema, connect_timeout, statement_timeout, pool_size)
         if not postgres:
-            self._add_column("reviews", "requester TEXT")  # stores made before requesters were recorded
+            for column, kind in ADDED_COLUMNS:  # stores made before these were recorded
+                self._add_column("reviews", f"{column} {kind}")
         self._probe_lock = threading.Lock()
         self._probed_at: float | None = None
 
@@ -158,20 +165,25 @@ class ReviewStore:
         fmt: str,
         compression: int | None,
         requester: str,
+        edits: Sequence[EditInput | None] = (),
     ) -> list[str]:
-        """Keep a request's unlabelled pixels for a reviewer, all or none; returns the review ids."""
+        """Keep a request's unlabelled pixels (and an edit's input) for a reviewer, all or none; returns the ids."""
         ids = []
         with self._db.transaction() as execute:  # a held image always has its audit line, and vice versa
-            for pixels, record in images:
+            for i, (pixels, record) in enumerate(images):
                 buf = io.BytesIO()
                 Image.fromarray(pixels).save(buf, format="PNG")
                 review_id = uuid.uuid4().hex
+                edit = edits[i] if i < len(edits) else None
+                kept = None if edit is None or edit.kept is None else json.dumps(edit.kept.as_dict())
                 execute(
                     "INSERT INTO reviews"
-                    " (id, created, status, record, reasons, use, format, compression, pixels, requester)"
-                    " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?)",
+                    " (id, created, status, record, reasons, use, format, compression, pixels, requester,"
+                    " input, input_type, kept)"
+                    " VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                     (review_id, time.time(), json.dumps(record.as_dict()), json.dumps(reasons), json.dumps(use),
-                     fmt, compression, buf.getvalue(), requester),
+                     fmt, compression, buf.getvalue(), requester, None if edit is None else edit.data,
+                     None if edit is None else edit.media_type, kept),
                 )  # fmt: skip
                 self._audit(review_id, "held", requester, None, json.dumps({"reasons": reasons}), execute)
                 ids.append(review_id)
@@ -192,7 +204,8 @@ class ReviewStore:
             record=GenerationRecord(**json.loads(row["record"])), reasons=tuple(json.loads(row["reasons"])),
             use=json.loads(row["use"]), format=row["format"], reviewer=row["reviewer"], note=row["note"],
             released_sha256=row["released_sha256"], requester=row.get("requester"),
-            compression=row["compression"],
+            compression=row["compression"], input_type=row.get("input_type"),
+            kept=None if row.get("kept") is None else json.loads(row["kept"]),
         )  # fmt: skip
 
     def get(self, review_id: str) -> Review:
@@ -209,12 +222,25 @@ class ReviewStore:
         self._audit(review_id, "viewed", viewer, None, "{}")
         return pixels
 
-    def pending(self, review_id: str) -> tuple[Review, np.ndarray]:
-        """A pending review and its pixels, for the gate to label and sign outside this store."""
+    def held_input(self, review_id: str, viewer: str) -> tuple[bytes, str]:
+        """A held edit's input file and its media type, for the reviewer's eyes only; every view is audited."""
+        row = self._row(review_id)
+        if row.get("input") is None:
+            raise ReviewError("review_has_no_input", f"review {review_id} is not an edit")
+        self._audit(review_id, "viewed_input", viewer, None, "{}")
+        return bytes(row["input"]), str(row["input_type"])
+
+    def pending(self, review_id: str) -> tuple[Review, np.ndarray, EditInput | None]:
+        """A pending review, its pixels and an edit's input, for the gate to label and sign outside this store."""
         row = self._row(review_id)
         if row["status"] != "pending":
             raise ReviewError("review_decided", f"review {review_id} is already {row['status']}")
-        return self._review(row), np.asarray(Image.open(io.BytesIO(bytes(row["pixels"]))).convert("RGB"))
+        review = self._review(row)
+        edit = None
+        if row.get("input") is not None:
+            kept = None if review.kept is None else KeptRegion(**{**review.kept, "box": _box(review.kept["box"])})
+            edit = EditInput(bytes(row["input"]), str(row["input_type"]), kept)
+        return review, np.asarray(Image.open(io.BytesIO(bytes(row["pixels"]))).convert("RGB")), edit
 
     def mark_approved(self, review_id: str, reviewer: str, image: ReleasedImage) -> Review:
         """Store the released bytes if the review is still pending (a conditional update: one decision wins)."""
@@ -262,3 +288,7 @@ class ReviewStore:
 
     def close(self) -> None:
         self._db.close()
+
+
+def _box(value: Any) -> tuple[int, int, int, int] | None:
+    return None if value is None else (int(value[0]), int(value[1]), int(value[2]), int(value[3]))

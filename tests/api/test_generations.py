@@ -40,6 +40,8 @@ def test_png_is_labeled_and_carries_its_record(client: TestClient) -> None:
         "width": 16,
         "height": 16,
         "negative_prompt": "blurry",
+        "strength": None,  # edits only
+        "input_sha256": None,
     }
     assert item["revised_prompt"] == BASE["prompt"]
     release = item["release"]

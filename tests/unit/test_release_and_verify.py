@@ -14,7 +14,8 @@ from PIL import Image
 from imagegen.gate import GenerationRecord, release
 from imagegen.gate.c2pa_manifest import ManifestSigner, SigningIdentity
 from imagegen.gate.labels import DIGITAL_SOURCE_TYPE
-from imagegen.gate.verify import ImageTooLarge, InvalidImage, NotAnImage, verify
+from imagegen.gate.verify import verify
+from imagegen.uploads import ImageTooLarge, InvalidImage, NotAnImage
 from models.recipes.data import sample
 
 RECORD = GenerationRecord("catalog-128", "a red mug", "", "ddim", 25, 3.0, 7, 0.0, 128, 128)
