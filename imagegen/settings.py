@@ -42,7 +42,7 @@ class Settings(BaseSettings):
         64 * 1024, ge=1024, description="Largest JSON (or form) request body; more → 413 before parsing or auth."
     )
     max_upload_bytes: int = Field(
-        20 * 1024 * 1024, ge=1024, description="Largest image upload body (/v1/verify); more → 413."
+        20 * 1024 * 1024, ge=1024, description="Largest image upload body (/v1/verify and the edit routes); more → 413."
     )
     max_upload_pixels: int = Field(
         4096 * 4096, ge=64 * 64, description="Largest width × height of an uploaded image, read from its header."

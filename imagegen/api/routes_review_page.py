@@ -40,6 +40,7 @@ MAX_NOTE_CHARS = 2000
 STYLE = """body{font-family:system-ui,sans-serif;margin:2rem;max-width:60rem}
 .item{display:flex;gap:1rem;border:1px solid #ccc;border-radius:8px;padding:1rem;margin:1rem 0}
 .item img{width:192px;height:192px;image-rendering:pixelated;background:#eee}
+figure{margin:0}figcaption{font-size:.8rem;color:#555;text-align:center}
 .reasons{color:#a33}form{display:inline-block;margin-right:.5rem}"""
 # Nothing but our own images, inline style and forms posting here: an injected script could read the CSRF token.
 CSP = "default-src 'none'; img-src 'self'; style-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'"
@@ -64,9 +65,18 @@ def hidden_csrf(token: str) -> str:
 def item(r: Review, csrf: str) -> str:
     use = ", ".join(f"{escape(k)}={escape(str(v))}" for k, v in r.use.items())
     reasons = "".join(f"<li>{escape(x)}</li>" for x in r.reasons)
+    held = f'<img alt="held image" src="/v1/reviews/{r.id}/image">'
+    images, kept = held, ""
+    if r.input_type is not None:  # an edit: its input beside the output, for the reviewer to compare
+        images = (
+            f'<figure class="input"><img alt="input image" src="/v1/reviews/{r.id}/input"><figcaption>input'
+            f"</figcaption></figure><figure>{held}<figcaption>output</figcaption></figure>"
+        )
+        if r.kept is not None:
+            kept = f"<p><b>Kept from the input:</b> {100 * float(r.kept['fraction']):.1f}% of the pixels</p>"
     return (
-        f'<div class="item" id="review-{r.id}"><img alt="held image" src="/v1/reviews/{r.id}/image">'
-        f"<div><p><b>Prompt:</b> {escape(r.record.prompt)}</p><p><b>Use:</b> {use}</p>"
+        f'<div class="item" id="review-{r.id}">{images}'
+        f"<div><p><b>Prompt:</b> {escape(r.record.prompt)}</p><p><b>Use:</b> {use}</p>{kept}"
         f'<ul class="reasons">{reasons}</ul>'
         f"<p><small>{escape(r.record.model)}, seed {r.record.seed}, {r.id}</small></p>"
         f'<form method="post" action="/review/{r.id}/approve">{hidden_csrf(csrf)}'

@@ -1,7 +1,8 @@
 """``python -m models.recipes <stage>``: the whole recipe of the embedded default models, resumable.
 
 ``all`` runs the stages in order; each one skips what is already done under runs/ and resumes an
-interrupted run from its last checkpoint.
+interrupted run from its last checkpoint. ``eval-edits`` (background replacement through /v1/images/edits, after
+``classifier``) runs only when named.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from models.recipes.common import build_split, log, timed
 
 TRAIN_COUNT = 30000
 STAGES = ["data", "vae", "unet", "distill", "export", "flow", "classifier", "eval"]
+EXTRA_STAGES = ["eval-edits"]  # not part of ``all``
 
 
 def run_stage(stage: str, quick: bool) -> None:
@@ -51,11 +53,15 @@ def run_stage(stage: str, quick: bool) -> None:
         from models.recipes import evaluate
 
         evaluate.run(TRAIN_COUNT, quick=quick)
+    elif stage == "eval-edits":
+        from models.recipes import evaluate_edits
+
+        evaluate_edits.run(TRAIN_COUNT)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m models.recipes")
-    parser.add_argument("stages", nargs="+", choices=[*STAGES, "all"])
+    parser.add_argument("stages", nargs="+", choices=[*STAGES, *EXTRA_STAGES, "all"])
     parser.add_argument("--threads", type=int, default=int(os.environ.get("IMAGEGEN_RECIPE_THREADS", "2")))
     parser.add_argument("--quick", action="store_true", help="eval: a tenth of the prompts, four configs")
     args = parser.parse_args()

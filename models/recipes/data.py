@@ -204,6 +204,12 @@ def _draw_object(draw: ImageDraw.ImageDraw, obj: str, rgb: tuple[int, int, int],
 
 
 def render(rng: random.Random, obj: str, colour: str, background: str) -> np.ndarray:
+    return render_with_mask(rng, obj, colour, background)[0]
+
+
+def render_with_mask(rng: random.Random, obj: str, colour: str, background: str) -> tuple[np.ndarray, np.ndarray]:
+    """``render``'s image (the same random draws, the same pixels) and the object's coverage: (128, 128) uint8
+    alpha, 255 on the object, 0 on the backdrop and its contact shadow, soft along the anti-aliased edge."""
     s = SIZE * SUPER
     canvas = _background(rng, background)
     rgb = _shade(COLOURS[colour][0], rng.uniform(0.9, 1.08))
@@ -233,7 +239,9 @@ def render(rng: random.Random, obj: str, colour: str, background: str) -> np.nda
     shadow = shadow.filter(ImageFilter.GaussianBlur(0.02 * s))
     canvas.paste(Image.new("RGB", (s, s), (0, 0, 0)), (0, 0), shadow)
     canvas.paste(layer, (dx, dy), layer)
-    return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS))
+    coverage = Image.new("L", (s, s), 0)
+    coverage.paste(layer.getchannel("A"), (dx, dy))
+    return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS)), np.asarray(coverage.resize((SIZE, SIZE), Image.BOX))
 
 
 def _triple(rng: random.Random, split: str) -> tuple[str, str, str]:

@@ -121,6 +121,31 @@ def test_approve_one_reject_another(server: str, browser: webdriver.Chrome) -> N
     assert replayed.status_code == 401  # the session ended on the server, not only in this browser
 
 
+def test_a_held_edit_shows_its_input_beside_the_output(server: str, browser: webdriver.Chrome) -> None:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((24, 24, 3), (200, 30, 30), np.uint8)).save(buf, format="PNG")
+    fields = {"model": "tiny-eps", "prompt": "mug, SKU 88-1234-X", "num_inference_steps": "2", "size": "16x16"}
+    files = {"image": ("product.png", buf.getvalue(), "image/png")}
+    r = httpx.post(f"{server}/v1/images/edits", data=fields, files=files, timeout=60, headers=SHOP)
+    (review_id,) = [d["review_id"] for d in r.json()["data"]]
+    browser.get(f"{server}/review")
+    if browser.find_elements(By.NAME, "key"):  # signed out by the test before
+        browser.find_element(By.NAME, "key").send_keys(KEY)
+        browser.find_element(By.TAG_NAME, "button").click()
+    item = WebDriverWait(browser, 20).until(ec.presence_of_element_located((By.ID, f"review-{review_id}")))
+    loaded = "return arguments[0].complete && arguments[0].naturalWidth"
+    source = item.find_element(By.CSS_SELECTOR, "figure.input img")
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script(loaded, source) == 24)  # the input, as uploaded
+    output = item.find_element(By.CSS_SELECTOR, "img[alt='held image']")
+    WebDriverWait(browser, 20).until(lambda d: d.execute_script(loaded, output) == 16)
+    assert item.find_element(By.CSS_SELECTOR, "figure.input figcaption").text == "input"
+
+
 def test_the_page_needs_a_key(server: str) -> None:
     with httpx.Client(base_url=server) as client:
         page = client.get("/review")

@@ -17,6 +17,7 @@ from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
 from imagegen.api.keys import KeyRing
+from imagegen.api.limits import UPLOAD_PATHS
 from imagegen.main import create_app, create_ops_app
 from imagegen.metrics import Metrics, Snapshot
 from imagegen.settings import Settings
@@ -211,16 +212,19 @@ def adapter_rules() -> list[dict[str, Any]]:
 
 
 def body_limits(conf: str) -> tuple[int, int]:
-    """(server-wide, /v1/verify) client_max_body_size of an nginx configuration, in bytes."""
+    """(server-wide, image uploads) client_max_body_size of an nginx configuration, in bytes; the upload location
+    matches exactly the app's upload routes."""
 
     def size(text: str) -> int:
         value = re.search(r"client_max_body_size (\d+)([km]?);", text)
         assert value, text
         return int(value.group(1)) * {"": 1, "k": 1024, "m": 1024 * 1024}[value.group(2)]
 
-    verify = re.search(r"location = /v1/verify \{(.*?)\}", conf, flags=re.S)
+    verify = re.search(r"location ~ (\S+) \{(.*?)\}", conf, flags=re.S)
     assert verify
-    return size(conf.replace(verify.group(0), "")), size(verify.group(1))
+    uploads = re.compile(verify.group(1))
+    assert {p for p in UPLOAD_PATHS | {"/v1/images/generations", "/v1/jobs/x"} if uploads.search(p)} == UPLOAD_PATHS
+    return size(conf.replace(verify.group(0), "")), size(verify.group(2))
 
 
 def proxy_configs() -> dict[str, str]:
