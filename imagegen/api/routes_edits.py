@@ -9,7 +9,7 @@ WebP, bounded in bytes before they are read and in pixels before they are decode
 from __future__ import annotations
 
 import asyncio
-from typing import Annotated
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Header, Request
@@ -99,7 +99,21 @@ def repaint_of(mask: Upload) -> np.ndarray:
     return 1.0 - mask.alpha.astype(np.float32) / 255.0
 
 
-@router.post("/v1/images/edits", response_model=ImagesResponse, responses={202: {"description": "job queued"}})
+def form_schema() -> dict[str, Any]:
+    """The multipart body as OpenAPI describes it (the route parses the form itself, to bound it and to take
+    OpenAI's ``image[]``): EditFields plus the two files."""
+    schema = EditFields.model_json_schema()
+    files = {"image": {"type": "string", "format": "binary"}, "mask": {"type": "string", "format": "binary"}}
+    body = {**schema, "properties": {**files, **schema["properties"]}, "required": ["image", *schema["required"]]}
+    return {"requestBody": {"required": True, "content": {"multipart/form-data": {"schema": body}}}}
+
+
+@router.post(
+    "/v1/images/edits",
+    response_model=ImagesResponse,
+    responses={202: {"description": "job queued"}},
+    openapi_extra=form_schema(),
+)
 async def edit(
     services: ServicesDep,
     caller: GenerateCaller,
