@@ -295,6 +295,7 @@ class ModelEngine:
         job.state = "cancelled" if outcome == "cancelled" else "failed"
         job.error = outcome
         job.finished_at = time.monotonic()
+        job.forget_inputs()
         with self._cv:
             self.scheduler.remove(job.id)
             self._active.pop(job.id, None)
@@ -419,6 +420,7 @@ class ModelEngine:
             self._fail(job, exc, outcome)
             return
         job.finished_at = time.monotonic()
+        job.forget_inputs()
         self.observer.on_job(self._job_stats(job, "succeeded"))
         if not job.future.done():
             job.future.set_result(GenerationResult(images=images, seconds=job.finished_at - job.submitted_at))

@@ -7,7 +7,7 @@ import threading
 import time
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 if TYPE_CHECKING:
@@ -97,6 +97,11 @@ class Job:
     @property
     def cancel_requested(self) -> bool:
         return self._cancel.is_set()
+
+    def forget_inputs(self) -> None:
+        """A finished job holds no input image: an async edit's upload is not kept for the job's whole TTL."""
+        if self.request.init_image is not None or self.request.edit_source is not None:
+            self.request = replace(self.request, init_image=None, mask=None, edit_source=None)
 
     @property
     def total_steps(self) -> int:

@@ -202,6 +202,8 @@ def test_an_async_edit_is_a_job(client: TestClient) -> None:
             break
         time.sleep(0.05)
     assert job["result"]["data"][0]["release"]["kept"]["pixels"] == 256
+    kept = client.app.state.services.jobs.get(job["id"])  # type: ignore[attr-defined]
+    assert kept.request.edit_source is None and kept.request.init_image is None  # the upload is not held
 
 
 def test_automatic1111_img2img_shape(client: TestClient) -> None:
