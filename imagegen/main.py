@@ -19,6 +19,7 @@ from fastapi import FastAPI
 from imagegen import __version__
 from imagegen.api import (
     routes_edits,
+    routes_files,
     routes_health,
     routes_images,
     routes_jobs,
@@ -43,6 +44,7 @@ from imagegen.metrics import Metrics, ModelLoad, Snapshot
 from imagegen.pipeline.loading import load_all, resolve_placement
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
+from imagegen.state.results import ResultStore, signing_key
 from imagegen.state.reviews import ReviewStore
 
 log = logging.getLogger(__name__)
@@ -103,7 +105,7 @@ def load_and_start(services: Services) -> None:
     observer = EngineObserver(
         on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode, on_non_finite=m.observe_non_finite
     )
-    engine = Engine(models, config, services.cache, services.gate.finish, observer)
+    engine = Engine(models, config, services.cache, services.gate.finish, observer, services.gate.partial)
     engine.start()
     services.engine = engine
 
@@ -145,6 +147,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds, settings.max_job_result_bytes),
         streams=StreamSlots(settings.max_streams, settings.max_streams_per_job),
         gate=Gate(policy, on_decision=metrics.observe_gate_decision),
+        results=ResultStore(
+            settings.state_dir / "results",
+            signing_key(settings.state_dir),
+            settings.result_url_ttl_seconds,
+            settings.max_result_url_bytes,
+        ),
     )
     if settings.api_keys_file is not None:
         services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly
@@ -178,6 +186,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         routes_edits,
         routes_sdapi,
         routes_jobs,
+        routes_files,
         routes_models,
         routes_reviews,
         routes_review_page,

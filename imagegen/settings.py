@@ -22,6 +22,9 @@ class Settings(BaseSettings):
     drain_seconds: float = Field(60.0, ge=0, description="After SIGTERM: most time to finish accepted work, then exit.")
     models_dir: Path = Field(REPO_ROOT / "models", description="Folder whose sub-folders are served as models.")
     default_model: str | None = Field(None, description="Model used when a request names none (default: first).")
+    model_aliases: str = Field(
+        "", description="Other names for served models, for clients with hard-coded ones: gpt-image-1=catalog-128,…"
+    )
     device: str = Field("auto", description="auto, cpu, cuda or cuda:N.")
     text_encoder_device: str = Field(
         "same", description="Where text encoders run: same (as the denoiser), cpu, cuda or cuda:N (T5-XXL is 4.7 B)."
@@ -55,6 +58,13 @@ class Settings(BaseSettings):
     max_streams_per_job: int = Field(4, ge=1, description="Open SSE event streams per job.")
     max_streams: int = Field(128, ge=1, description="Open SSE event streams per process.")
     stream_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent when nothing else was.")
+    public_base_url: str | None = Field(
+        None, description="Absolute base of result URLs (https://images.example.com); unset: the request's own."
+    )
+    result_url_ttl_seconds: float = Field(3600.0, gt=0, description="How long a response_format=url link works.")
+    max_result_url_bytes: int = Field(
+        1024 * 1024 * 1024, ge=1024 * 1024, description="Bytes of images kept for URLs (oldest dropped first)."
+    )
     max_job_result_bytes: int = Field(
         256 * 1024 * 1024, ge=1024 * 1024, description="Bytes of finished async results kept (oldest dropped first)."
     )
@@ -96,6 +106,14 @@ class Settings(BaseSettings):
     log_format: Literal["json", "text"] = Field("json", description="json: one JSON object per line, with request ids.")
 
     @model_validator(mode="after")
+    def _aliases_are_pairs(self) -> Settings:
+        for pair in filter(str.strip, self.model_aliases.split(",")):
+            alias, eq, name = pair.partition("=")
+            if not (eq and alias.strip() and name.strip()):
+                raise ValueError(f"IMAGEGEN_MODEL_ALIASES: {pair!r} is not alias=model")
+        return self
+
+    @model_validator(mode="after")
     def _ports_differ(self) -> Settings:
         if self.metrics_port == self.port:
             raise ValueError("IMAGEGEN_METRICS_PORT must differ from IMAGEGEN_PORT")
@@ -103,6 +121,10 @@ class Settings(BaseSettings):
 
     def review_database(self) -> str:
         return self.database_url or f"sqlite:///{self.state_dir / 'reviews.sqlite3'}"
+
+    def aliases(self) -> dict[str, str]:
+        pairs = [p.partition("=") for p in self.model_aliases.split(",") if p.strip()]
+        return {alias.strip(): name.strip() for alias, _, name in pairs}
 
     def buckets(self) -> tuple[int, ...]:
         return tuple(sorted(int(b) for b in self.batch_buckets.split(",") if b.strip()))

@@ -18,6 +18,7 @@ from imagegen.metrics import Metrics
 from imagegen.pipeline.loading import LoadedModel, LoadFailure
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
+from imagegen.state.results import ResultStore
 
 
 class StreamSlots:
@@ -58,6 +59,7 @@ class Services:
     cache: PromptCache
     jobs: JobStore
     gate: Gate
+    results: ResultStore
     keys: KeyRing | None = None
     quotas: Quotas = field(default_factory=Quotas)
     streams: StreamSlots = field(default_factory=StreamSlots)

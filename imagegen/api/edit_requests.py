@@ -33,10 +33,6 @@ def resolve_edit(
     request_id: str = "",
 ) -> GenerationRequest:
     """``repaint``: (H, W) float at the input's size, 1 where pixels are generated; None for img2img."""
-    if fields.stream:
-        raise bad("unsupported_parameter", "streamed edits are not supported yet; send stream=false", "stream")
-    if fields.background == "transparent":
-        raise bad("unsupported_parameter", "this service makes opaque images only", "background")
     height, width = image.rgb.shape[:2]
     if repaint is not None and repaint.shape != (height, width):
         message = f"the mask is {repaint.shape[1]}x{repaint.shape[0]}, the image {width}x{height}: they must match"
@@ -67,6 +63,7 @@ def resolve_edit(
         strength=strength,
         preserve_unmasked=preserve,
         edit_source=image,
+        input_images=1,
     )
 
 

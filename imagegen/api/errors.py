@@ -20,6 +20,7 @@ ERROR_TYPES = {
     404: "invalid_request_error",
     405: "invalid_request_error",
     409: "invalid_request_error",
+    410: "invalid_request_error",
     413: "invalid_request_error",
     415: "invalid_request_error",
     422: "invalid_request_error",
@@ -42,10 +43,22 @@ def _printable(text: str | None) -> str | None:
     return None if text is None else text.encode("utf-8", "replace").decode("utf-8")
 
 
+# Answers a retry cannot change. The official OpenAI clients retry 408, 409, 429 and 5xx unless told not to.
+RETRYABLE_4XX = frozenset({408, 429})
+NOT_RETRYABLE_5XX = frozenset({"deadline_exceeded", "non_finite_output"})  # the same seed fails the same way
+
+
+def should_retry(status: int, code: str) -> bool:
+    if 400 <= status < 500:
+        return status in RETRYABLE_4XX
+    return code not in NOT_RETRYABLE_5XX
+
+
 def error_response(
     status: int, code: str, message: str, param: str | None = None, headers: dict[str, str] | None = None
 ) -> JSONResponse:
     message, param = _printable(message) or "", _printable(param)
+    headers = {"x-should-retry": "true" if should_retry(status, code) else "false", **(headers or {})}
     body = {
         "error": {"code": code, "message": message, "param": param, "type": ERROR_TYPES.get(status, "server_error")}
     }

@@ -14,7 +14,7 @@ from typing import Annotated, Any
 import numpy as np
 from fastapi import APIRouter, Header, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import ValidationError
 from starlette.datastructures import FormData, UploadFile
 
@@ -119,7 +119,7 @@ async def edit(
     caller: GenerateCaller,
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
-) -> ImagesResponse | JSONResponse:
+) -> ImagesResponse | JSONResponse | StreamingResponse:
     engine = ready_engine(services)
     settings = services.settings
     form = await read_form(request, settings.max_json_body_bytes)
@@ -137,4 +137,4 @@ async def edit(
         repaint = repaint_of(mask)
     req = await asyncio.to_thread(resolve_edit, fields, image, repaint, services.models, settings, request_id())
     use = Use(fields.asset_type, fields.claims_real_sku, fields.contains_logo)
-    return await run(services, engine, caller, request, prefer, use, req)
+    return await run(services, engine, caller, request, prefer, use, req, "image_edit" if fields.stream else None)

@@ -7,28 +7,32 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 
 from imagegen.api.access import GenerateCaller, charge
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
 from imagegen.api.keys import Caller
-from imagegen.api.responses import images_response, job_body
+from imagegen.api.responses import images_response, job_body, links, usage
 from imagegen.api.schemas import ImageGenerationBody, ImagesResponse
+from imagegen.api.streaming import Kind, image_events
+from imagegen.api.streams import HeldSlotStream
 from imagegen.api.validation import resolve
 from imagegen.api.waiting import submit, wait_for
 from imagegen.engine.engine import Engine
-from imagegen.engine.request import GenerationRequest
+from imagegen.engine.request import GenerationRequest, Job
 from imagegen.engine.runner import needs_uncond_row
 from imagegen.gate.policy import Use
 from imagegen.logs import request_id
 from imagegen.pipeline.loading import LoadedModel
 
 router = APIRouter()
+RETRY_1 = {"Retry-After": "1"}
 
 
 def screen(services: Services, use: Use, req: GenerationRequest, caller: Caller) -> GenerationRequest:
@@ -37,8 +41,13 @@ def screen(services: Services, use: Use, req: GenerationRequest, caller: Caller)
     readings = services.models[req.model].family.read_back(req.prompt)
     screening = services.gate.screen(use, req.prompt, caller.name, readings)
     if screening.verdict == "block":
-        raise APIError(403, "blocked_by_policy", "refused by the release policy: " + "; ".join(screening.reasons))
-    return replace(req, screening=screening)
+        # OpenAI's code for a refused prompt, so its clients show the refusal as one; our reasons in the message
+        raise APIError(400, "moderation_blocked", "refused by the release policy: " + "; ".join(screening.reasons))
+    model = services.models[req.model]
+    _, h, w = model.family.latent_shape(req.width, req.height)
+    partials = req.partial_images if screening.verdict == "release" else 0  # a held request shows no pixels
+    tokens = model.family.prompt_tokens(req.prompt)
+    return replace(req, screening=screening, prompt_tokens=tokens, image_tokens=h * w, partial_images=partials)
 
 
 def compute_cost(model: LoadedModel, req: GenerationRequest) -> float:
@@ -63,13 +72,14 @@ async def generate(
     caller: GenerateCaller,
     request: Request,
     prefer: Annotated[str | None, Header()] = None,
-) -> ImagesResponse | JSONResponse:
+) -> ImagesResponse | JSONResponse | StreamingResponse:
     engine = ready_engine(services)
     resolved = resolve(body, services.models, services.settings, request_id())
     if services.models[resolved.model].family.needs_mask:
         raise APIError(400, "mask_required", f"{resolved.model} is an inpainting model: use /v1/images/edits", "model")
     use = Use(body.asset_type, body.claims_real_sku, body.contains_logo)
-    return await run(services, engine, caller, request, prefer, use, resolved)
+    stream: Kind | None = "image_generation" if body.stream else None
+    return await run(services, engine, caller, request, prefer, use, resolved, stream)
 
 
 async def run(
@@ -80,11 +90,16 @@ async def run(
     prefer: str | None,
     use: Use,
     resolved: GenerationRequest,
-) -> ImagesResponse | JSONResponse:
-    """Screen, charge and run a resolved request: answered when done, or queued as a job (``respond-async``)."""
+    stream: Kind | None = None,
+    on_submit: Callable[[Job], None] = lambda _: None,
+) -> ImagesResponse | JSONResponse | StreamingResponse:
+    """Screen, charge and run a resolved request: answered when done, streamed as server-sent events (``stream``:
+    the events' kind), or queued as a job (``respond-async``)."""
+    respond_async = prefer is not None and "respond-async" in prefer.lower()
+    if stream is None and not respond_async:
+        resolved = replace(resolved, partial_images=0)  # no one would see them
     # Tokenizing and normalising a long prompt takes milliseconds: off the event loop, like all real work.
     req = await asyncio.to_thread(screen, services, use, resolved, caller)
-    respond_async = prefer is not None and "respond-async" in prefer.lower()
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
     end_charge = charge(services, caller, compute_cost(services.models[req.model], req))
@@ -95,8 +110,16 @@ async def run(
         raise
     job.owner = caller.name
     job.future.add_done_callback(lambda _: end_charge())
+    on_submit(job)
+    if stream is not None and not respond_async:
+        release_slot = services.streams.acquire(job.id)
+        if release_slot is None:
+            engine.cancel(job)
+            raise APIError(429, "too_many_streams", "too many open event streams; retry shortly", headers=RETRY_1)
+        body = image_events(stream, job, engine, request, lambda: usage(req).model_dump())
+        return HeldSlotStream(body, release_slot)
     if respond_async:
         services.jobs.add(job)
         headers = {"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"}
-        return JSONResponse(await job_body(job, engine), status_code=202, headers=headers)
-    return await images_response(req, await wait_for(job, engine, request))
+        return JSONResponse(await job_body(job, engine, links(services, request)), status_code=202, headers=headers)
+    return await images_response(req, await wait_for(job, engine, request), links(services, request))

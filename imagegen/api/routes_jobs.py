@@ -5,17 +5,18 @@ from __future__ import annotations
 import asyncio
 import json
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
-from starlette.types import Receive, Scope, Send
 
 from imagegen.api.access import GenerateCaller
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
 from imagegen.api.keys import Caller, Role
-from imagegen.api.responses import job_body, job_progress
+from imagegen.api.responses import job_body, job_progress, links
+from imagegen.api.streaming import Kind, partial_event
+from imagegen.api.streams import HeldSlotStream
 from imagegen.engine.engine import Engine
 from imagegen.engine.request import Job
 
@@ -38,15 +39,15 @@ def find_job(services: Services, job_id: str, caller: Caller) -> Job:
 
 
 @router.get("/v1/jobs/{job_id}")
-async def get_job(job_id: str, services: ServicesDep, caller: GenerateCaller) -> JSONResponse:
+async def get_job(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> JSONResponse:
     job = find_job(services, job_id, caller)
-    body = await job_body(job, engine_for_reading(services))
+    body = await job_body(job, engine_for_reading(services), links(services, request))
     job.delivered = job.delivered or job.done
     return JSONResponse(body)
 
 
 @router.delete("/v1/jobs/{job_id}")
-async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller) -> JSONResponse:
+async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> JSONResponse:
     """Cancel a job: its rows leave the batch at the next step boundary. Finished jobs are unchanged."""
     engine = engine_for_reading(services)
     job = find_job(services, job_id, caller)
@@ -56,30 +57,19 @@ async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller)
         done, _ = await asyncio.wait({waited}, timeout=10)
         for future in done:
             future.exception()  # the cancellation is the expected outcome, not an error to report
-    body = await job_body(job, engine)
+    body = await job_body(job, engine, links(services, request))
     job.delivered = job.delivered or job.done
     return JSONResponse(body)
 
 
-class HeldSlotStream(StreamingResponse):
-    """A stream that gives its slot back however it ends: finished, client gone, cancelled before its first
-    event (a generator that never started runs no ``finally`` of its own)."""
-
-    def __init__(self, body: AsyncIterator[str], release: Callable[[], None]) -> None:
-        super().__init__(body, media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
-        self.release = release
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        try:
-            await super().__call__(scope, receive, send)
-        finally:
-            self.release()
-
-
 @router.get("/v1/jobs/{job_id}/events")
-async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> StreamingResponse:
+async def job_events(
+    job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request, previews: bool = False
+) -> StreamingResponse:
     """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``;
-    a comment line keeps idle proxies from closing the stream. Streams are bounded per job and in total."""
+    a comment line keeps idle proxies from closing the stream. Streams are bounded per job and in total.
+    With ``previews=true``, a job submitted with ``partial_images`` also sends each labelled preview as a
+    ``partial_image`` event (the streaming route's ``*.partial_image`` body)."""
     engine = engine_for_reading(services)
     job = find_job(services, job_id, caller)
     release = services.streams.acquire(job.id)
@@ -88,9 +78,18 @@ async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller,
                        headers={"Retry-After": "5"})  # fmt: skip
     keepalive = services.settings.stream_keepalive_seconds
 
+    kind: Kind = "image_edit" if job.request.input_images else "image_generation"
+
     async def stream() -> AsyncIterator[str]:
-        last, quiet_since = None, time.monotonic()
-        while not job.done:
+        last, quiet_since, sent = None, time.monotonic(), 0
+        while True:
+            finished = job.done and job.previews_pending == 0  # read first: every preview goes before ``done``
+            while previews and sent < len(job.partials):
+                event = partial_event(kind, job.request, job.partials[sent])
+                yield f"event: partial_image\ndata: {json.dumps(event)}\n\n"
+                sent, quiet_since = sent + 1, time.monotonic()
+            if finished:
+                break
             progress = job_progress(job, engine)
             if progress != last:
                 yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
@@ -101,7 +100,7 @@ async def job_events(job_id: str, services: ServicesDep, caller: GenerateCaller,
             if await request.is_disconnected():
                 return
             await asyncio.sleep(EVENT_POLL_SECONDS)
-        yield f"event: done\ndata: {json.dumps(await job_body(job, engine))}\n\n"
+        yield f"event: done\ndata: {json.dumps(await job_body(job, engine, links(services, request)))}\n\n"
         job.delivered = True
 
     return HeldSlotStream(stream(), release)

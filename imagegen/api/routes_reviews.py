@@ -11,7 +11,7 @@ import base64
 from dataclasses import asdict
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
@@ -19,9 +19,11 @@ from imagegen.api.access import GenerateCaller, ReviewCaller
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
 from imagegen.api.keys import Role
+from imagegen.api.responses import links
 from imagegen.api.schemas import ImageOut, Text
 from imagegen.api.waiting import database_unavailable
 from imagegen.gate.gate import Gate
+from imagegen.gate.labels import MEDIA_TYPES
 from imagegen.state.database import StoreUnavailable
 from imagegen.state.reviews import Review, ReviewError
 
@@ -99,10 +101,19 @@ async def reject(review_id: str, services: ServicesDep, who: ReviewCaller, body:
 
 
 @router.get("/v1/reviews/{review_id}/result")
-async def result(review_id: str, services: ServicesDep, caller: GenerateCaller) -> dict[str, Any]:
-    """For the requester: the labelled, signed image once approved. With keys, only the key that asked for it
-    (or an admin) may fetch it."""
+async def result(
+    review_id: str, services: ServicesDep, caller: GenerateCaller, request: Request, response_format: str = "b64_json"
+) -> dict[str, Any]:
+    """For the requester: the labelled, signed image once approved, as base64 or (``response_format=url``) a signed
+    link. With keys, only the key that asked for it (or an admin) may fetch it."""
+    if response_format not in ("b64_json", "url"):
+        raise APIError(400, "unsupported_response_format", "response_format is b64_json or url", "response_format")
     owner_only = services.keys is not None and not caller.may(Role.admin)
     review, data = await call(gate(services).result, review_id, caller.name, owner_only)
-    out = ImageOut.from_held_approved(review.record, review.id, base64.b64encode(data).decode(), review.released_sha256)
+    if response_format == "url":
+        path = await asyncio.to_thread(services.results.put, data, MEDIA_TYPES[review.format])
+        url, b64 = links(services, request).base + path, None
+    else:
+        url, b64 = None, base64.b64encode(data).decode()
+    out = ImageOut.from_held_approved(review.record, review.id, b64, review.released_sha256, url)
     return {"object": "image", "review_id": review.id, "format": review.format, "data": [out.model_dump()]}

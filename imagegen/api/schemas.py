@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import re
 from typing import Annotated, Any, Literal
 
@@ -37,15 +38,25 @@ class ImageGenerationBody(BaseModel):
     model: Text | None = Field(None, max_length=256)
     n: int = Field(1, strict=True)  # strict: "1", true and 2.0 are not counts
     size: Text | None = Field(None, description='"WxH" (or "auto" for the model default)')
-    response_format: Text | None = Field(None, description="only b64_json")
+    response_format: Text | None = Field(None, description="b64_json (default) or url")
     output_format: Literal["png", "jpeg", "webp"] = "png"
-    output_compression: int | None = Field(None, ge=0, le=100, strict=True)
+    output_compression: int | None = Field(None, ge=0, le=100, strict=True, description="JPEG/WebP quality")
     user: Text | None = Field(None, max_length=256)
+    quality: Text | None = Field(
+        None, max_length=32, description="low | medium | high | auto: the model's step presets"
+    )
+    background: Text | None = Field(None, max_length=32, description="opaque | auto (transparent is refused)")
+    stream: bool = Field(False, strict=True)
+    partial_images: int | None = Field(None, ge=0, le=3, strict=True)
     # Accepted for OpenAI compatibility; they do not change diffusion sampling.
-    quality: Text | None = Field(None, max_length=256)
     style: Text | None = Field(None, max_length=256)
-    background: Text | None = Field(None, max_length=256)
     moderation: Text | None = Field(None, max_length=256)
+    safety_identifier: Text | None = Field(None, max_length=256)
+    # Sent by the official client for other kinds of model (animation, vector art): refused with a clear 400.
+    complexity: Any = None
+    frame_count: Any = None
+    frame_duration_ms: Any = None
+    svg: Any = None
     # Diffusion fields.
     negative_prompt: Text | None = None
     num_inference_steps: int | None = Field(None, strict=True)
@@ -74,8 +85,8 @@ class EditFields(BaseModel):
     output_compression: int | None = Field(None, ge=0, le=100)
     user: Text | None = Field(None, max_length=256)
     # Accepted for OpenAI compatibility; they do not change diffusion sampling.
-    quality: Text | None = Field(None, max_length=256)
-    background: Text | None = Field(None, max_length=256)
+    quality: Text | None = Field(None, max_length=32)
+    background: Text | None = Field(None, max_length=32)
     moderation: Text | None = Field(None, max_length=256)
     input_fidelity: Text | None = Field(None, max_length=256)
     safety_identifier: Text | None = Field(None, max_length=256)
@@ -134,7 +145,8 @@ class ReleaseOut(BaseModel):
 
 
 class ImageOut(BaseModel):
-    b64_json: str | None  # None while the image is held for review
+    b64_json: str | None  # None while the image is held for review, or when it is sent as a URL
+    url: str | None = None  # response_format=url: a signed link to the labelled bytes, valid for a while
     revised_prompt: str
     status: Literal["released", "pending_review"] = "released"
     review_id: str | None = None
@@ -155,9 +167,12 @@ class ImageOut(BaseModel):
         )
 
     @classmethod
-    def from_held_approved(cls, record: GenerationRecord, review_id: str, b64: str, sha256: str | None) -> ImageOut:
+    def from_held_approved(
+        cls, record: GenerationRecord, review_id: str, b64: str | None, sha256: str | None, url: str | None = None
+    ) -> ImageOut:
         return cls(
             b64_json=b64,
+            url=url,
             revised_prompt=record.prompt,
             review_id=review_id,
             generation=GenerationRecordOut(**{k: v for k, v in record.as_dict().items() if k != "prompt"}),
@@ -167,10 +182,12 @@ class ImageOut(BaseModel):
         )
 
     @classmethod
-    def from_released(cls, image: ReleasedImage, b64: str) -> ImageOut:
+    def from_released(cls, image: ReleasedImage, url: str | None = None) -> ImageOut:
+        """The image as base64, or as the URL it is served at."""
         r = image.record
         return cls(
-            b64_json=b64,
+            b64_json=None if url is not None else base64.b64encode(image.data).decode(),
+            url=url,
             revised_prompt=r.prompt,
             generation=GenerationRecordOut(**{k: v for k, v in r.as_dict().items() if k != "prompt"}),
             release=ReleaseOut(
@@ -184,11 +201,36 @@ class ImageOut(BaseModel):
         )
 
 
+class InputTokens(BaseModel):
+    text_tokens: int
+    image_tokens: int
+
+
+class OutputTokens(BaseModel):
+    text_tokens: int = 0
+    image_tokens: int
+
+
+class Usage(BaseModel):
+    """OpenAI's usage shape. Text tokens: the prompt's, as the model's primary tokenizer reads it (specials and
+    what it cuts off not counted). Image tokens: latent positions (the denoiser's tokens: (H/8)·(W/8) for an SD
+    VAE), per output image and, for an edit, for its input."""
+
+    input_tokens: int
+    input_tokens_details: InputTokens
+    output_tokens: int
+    output_tokens_details: OutputTokens
+    total_tokens: int
+
+
 class ImagesResponse(BaseModel):
     created: int
     data: list[ImageOut]
     output_format: str
     size: str
+    quality: str | None = None
+    background: str = "opaque"
+    usage: Usage | None = None
 
 
 class ModelOut(BaseModel):

@@ -22,7 +22,14 @@ def bad(code: str, message: str, param: str) -> APIError:
     return APIError(400, code, message, param)
 
 
+QUALITY = {"low": "low", "medium": "medium", "high": "high", "xhigh": "high", "max": "high",
+           "standard": "medium", "hd": "high"}  # fmt: skip  # OpenAI's levels (GPT Image, DALL·E 3) → our presets
+OTHER_MEDIA = ("complexity", "frame_count", "frame_duration_ms", "svg")  # the client's fields for animation, SVG
+
+
 def pick_model(name: str | None, models: dict[str, LoadedModel], settings: Settings) -> LoadedModel:
+    if name is not None and name not in models:
+        name = settings.aliases().get(name, name)
     if name is None:
         name = settings.default_model if settings.default_model in models else next(iter(models), None)
         if name is None:
@@ -68,8 +75,18 @@ def resolve(
     for field, text in (("prompt", body.prompt), ("negative_prompt", body.negative_prompt or "")):
         if len(text) > settings.max_prompt_chars:
             raise bad("prompt_too_long", f"{field} is longer than {settings.max_prompt_chars} characters", field)
-    if body.response_format not in (None, "b64_json"):
-        raise bad("unsupported_response_format", "only response_format=b64_json is supported", "response_format")
+    if body.response_format not in (None, "b64_json", "url"):
+        raise bad("unsupported_response_format", "response_format is b64_json or url", "response_format")
+    for field in OTHER_MEDIA:
+        if getattr(body, field) is not None:
+            raise bad("unsupported_parameter", f"{field} is for other kinds of model; this service makes images", field)
+    if body.background not in (None, "auto", "opaque"):
+        message = "this service makes opaque images only" if body.background == "transparent" else "opaque or auto"
+        raise bad(
+            "unsupported_parameter" if body.background == "transparent" else "invalid_value", message, "background"
+        )
+    if body.quality not in (None, "auto", *QUALITY):
+        raise bad("invalid_value", f"quality is one of auto, {', '.join(QUALITY)}", "quality")
     if not 1 <= body.n <= settings.max_images:
         raise bad("invalid_n", f"n must be between 1 and {settings.max_images}", "n")
     width, height = parse_size(body.size, model, settings)
@@ -89,7 +106,9 @@ def resolve(
             f"{model.name} ({model.family.name}) takes no negative prompt: its guidance is distilled into the model",
             "negative_prompt",
         )
-    steps = body.num_inference_steps if body.num_inference_steps is not None else d.steps
+    steps = body.num_inference_steps
+    if steps is None:
+        steps = d.steps if body.quality in (None, "auto") else d.steps_for(QUALITY[body.quality])
     limit = min(settings.max_steps, samplers[sampler].max_steps())
     if not 1 <= steps <= limit:
         raise bad(
@@ -115,7 +134,11 @@ def resolve(
         seed=body.seed if body.seed is not None else secrets.randbelow(2**32),
         sampler=sampler,
         eta=float(body.eta or 0.0),
-        output=OutputSpec(format=body.output_format, compression=body.output_compression),
+        output=OutputSpec(
+            format=body.output_format, compression=body.output_compression, url=body.response_format == "url"
+        ),
         request_id=request_id,
         user=body.user,
+        quality=QUALITY.get(body.quality or "auto"),
+        partial_images=body.partial_images or 0,
     )

@@ -39,14 +39,21 @@ async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> 
             raise APIError(499, "client_closed_request", "the client went away; the job was cancelled")
     try:
         return future.result()
-    except DeadlineExceeded as exc:
-        raise APIError(504, "deadline_exceeded", str(exc)) from exc
-    except JobCancelled as exc:
-        raise APIError(409, "job_cancelled", "the job was cancelled") from exc
-    except StoreUnavailable as exc:  # the release could not be recorded, so it was not released
-        raise database_unavailable() from exc
-    except NonFiniteOutput as exc:
-        raise APIError(500, "non_finite_output", str(exc)) from exc
+    except Exception as exc:
+        raise failure(exc) from exc
+
+
+def failure(exc: BaseException) -> BaseException:
+    """What a client is told of a job that ended without a result (anything else is the server's own 500)."""
+    if isinstance(exc, DeadlineExceeded):
+        return APIError(504, "deadline_exceeded", str(exc))
+    if isinstance(exc, JobCancelled):
+        return APIError(409, "job_cancelled", "the job was cancelled")
+    if isinstance(exc, StoreUnavailable):  # the release could not be recorded, so it was not released
+        return database_unavailable()
+    if isinstance(exc, NonFiniteOutput):
+        return APIError(500, "non_finite_output", str(exc))
+    return exc
 
 
 def database_unavailable() -> APIError:

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -24,6 +25,7 @@ from imagegen.engine.request import (
     Job,
     JobCancelled,
     OutputSpec,
+    PartialImage,
     RowRef,
 )
 from imagegen.engine.runner import Runner, conditioning
@@ -32,6 +34,9 @@ from imagegen.gate import ReleasedImage
 from imagegen.gate.release import HeldForReview
 from imagegen.pipeline.loading import LoadedModel
 from imagegen.pipeline.prompts import PromptCache
+
+if TYPE_CHECKING:
+    from torch import Tensor
 
 log = logging.getLogger(__name__)
 
@@ -100,6 +105,8 @@ class EngineObserver:
 
 # The gate's side of a finished job: its pixels (n, H, W, 3) uint8 in, what may leave out.
 Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | HeldForReview]]
+# The gate's side of a preview: (request, pixels (H, W, 3), image index, partial index) → the released partial.
+Partial = Callable[[GenerationRequest, np.ndarray, int, int], ReleasedImage]
 
 
 def jobs_of(rows: Sequence[RowRef]) -> list[str]:
@@ -115,9 +122,11 @@ class ModelEngine:
         cache: PromptCache,
         finish: Finish,
         observer: EngineObserver | None = None,
+        partial: Partial | None = None,
     ) -> None:
         self.model = model
         self.finish = finish
+        self.partial = partial
         self.config = config
         self.cache = cache
         self.observer = observer or EngineObserver()
@@ -249,6 +258,7 @@ class ModelEngine:
         for job in self._jobs(batch.rows):
             if job.first_step_done_at is None:
                 job.first_step_done_at = stepped
+        self._previews(batch.rows)
         with self._cv:
             finished = self.scheduler.update(batch, result)
             queued, running = self.scheduler.queued_images, self.scheduler.running_rows
@@ -333,6 +343,39 @@ class ModelEngine:
             return None
         cost = sum(r.cost for r in stepped)
         return StepBatch(tuple(stepped), cost, cost), StepResult(seconds)
+
+    def _previews(self, rows: Sequence[RowRef]) -> None:
+        """Rows that passed a preview step: their x0 estimates are decoded and released off the step loop."""
+        taken = self.runner.take_previews([r.id for r in rows])
+        if not taken or self.partial is None:
+            return
+        jobs = {job.id: job for job in self._jobs(rows)}
+        items = []
+        for row_id, index, latent in taken:
+            job = next((j for j in jobs.values() if any(r.id == row_id for r in j.rows)), None)
+            if job is not None:
+                image = next(i for i, r in enumerate(job.rows) if r.id == row_id)
+                items.append((job, image, index, latent))
+        with self._cv:
+            for job, *_ in items:
+                job.previews_pending += 1
+        self._release_pool.submit(self._release_previews, items)
+
+    def _release_previews(self, items: list[tuple[Job, int, int, Tensor]]) -> None:
+        """One VAE batch for the previews of a step, then each through the gate. A failed preview is skipped:
+        it never fails its job."""
+        assert self.partial is not None
+        try:
+            pixels, finite = self.runner.decode_latents([latent for *_, latent in items])
+            for (job, image, index, _), p, ok in zip(items, pixels, finite, strict=True):
+                if ok and not job.done:
+                    job.partials.append(PartialImage(image, index, self.partial(job.request, p, image, index)))
+        except Exception:
+            log.exception("previews failed on %s", self.model.name)
+        finally:
+            with self._cv:
+                for job, *_ in items:
+                    job.previews_pending -= 1
 
     def _decode(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
         """Decode the rows of ``jobs`` in one VAE batch; if that fails, each job alone once."""
@@ -443,8 +486,9 @@ class Engine:
         cache: PromptCache,
         finish: Finish,
         observer: EngineObserver | None = None,
+        partial: Partial | None = None,
     ) -> None:
-        self.workers = {m.name: ModelEngine(m, config, cache, finish, observer) for m in models}
+        self.workers = {m.name: ModelEngine(m, config, cache, finish, observer, partial) for m in models}
 
     def start(self) -> None:
         for w in self.workers.values():

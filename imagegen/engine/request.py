@@ -22,7 +22,8 @@ if TYPE_CHECKING:
 @dataclass(frozen=True)
 class OutputSpec:
     format: str = "png"  # png | jpeg | webp
-    compression: int | None = None  # 0-100; jpeg/webp quality = 100 - compression
+    compression: int | None = None  # 0-100, OpenAI's output_compression: the JPEG/WebP quality (PNG is lossless)
+    url: bool = False  # answered with a signed URL of the labelled bytes instead of base64
 
 
 @dataclass(frozen=True)
@@ -49,8 +50,22 @@ class GenerationRequest:
     init_image: np.ndarray | None = field(default=None, compare=False, repr=False)
     strength: float = 1.0
     mask: np.ndarray | None = field(default=None, compare=False, repr=False)  # (H, W) float: 1 repaints, 0 keeps
+    prompt_tokens: int = 0  # the prompt's, as the model's primary tokenizer reads it (the response's usage)
+    image_tokens: int = 0  # latent positions of one image (the response's usage)
+    input_images: int = 0  # an edit's: 1
+    quality: str | None = None  # OpenAI's quality preset the steps came from (low | medium | high)
+    partial_images: int = 0  # previews to show while the images form (only for requests the gate releases)
     preserve_unmasked: bool = False  # the gate puts the input's pixels back where the mask is 0
     edit_source: Upload | None = field(default=None, compare=False, repr=False)  # the input file, as uploaded
+
+
+@dataclass(frozen=True)
+class PartialImage:
+    """A preview of image ``image_index`` of a job: its x0 estimate after some step, released by the gate."""
+
+    image_index: int
+    partial_index: int
+    image: ReleasedImage
 
 
 @dataclass(frozen=True)
@@ -88,6 +103,8 @@ class Job:
     error: str | None = None
     owner: str | None = None  # the API key's name; other keys cannot see the job
     delivered: bool = False  # the result reached the client (a drain waits for this)
+    partials: list[PartialImage] = field(default_factory=list)  # appended as they are released; read by streams
+    previews_pending: int = 0  # previews decoded or released right now: a stream sends them before the result
     _cancel: threading.Event = field(default_factory=threading.Event)
 
     def cancel(self) -> None:

@@ -70,6 +70,16 @@ class RowTensors:
     guidance_rescale: float
     previous: torch.Tensor | None = None  # (1, C, h, w) last step's x0 estimate, for multistep samplers
     inpaint: Inpaint | None = None  # set for inpainting rows: what is kept, and where
+    preview_steps: tuple[int, ...] = ()  # steps after which the row's x0 estimate is shown (partial images)
+    preview: tuple[int, torch.Tensor] | None = None  # (partial index, x0 estimate) taken by the engine
+
+
+def preview_steps(start: int, steps: int, partials: int) -> tuple[int, ...]:
+    """The steps after which ``partials`` previews are shown, evenly spread over the steps a row runs (the last
+    step is the finished image, never a partial)."""
+    run = steps - start
+    picked = {start + (run * (i + 1)) // (partials + 1) - 1 for i in range(partials)}
+    return tuple(sorted(s for s in picked if start <= s < steps - 1))
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +139,7 @@ class Runner:
                 guidance_scale=req.guidance_scale,
                 guidance_rescale=req.guidance_rescale,
                 inpaint=inpaint,
+                preview_steps=preview_steps(start, plan.steps, req.partial_images),
             )
             refs.append(RowRef(row_id, job, shape[1:], plan.steps, cost=1 if uncond is None else 2, step=start))
         return refs
@@ -184,6 +195,20 @@ class Runner:
             raise
         return StepResult(seconds=time.perf_counter() - started)
 
+    def take_previews(self, ids: Sequence[int]) -> list[tuple[int, int, torch.Tensor]]:
+        """(row id, partial index, x0 estimate) of the rows that just passed a preview step; each taken once."""
+        out = []
+        for row_id in ids:
+            row = self.rows.get(row_id)
+            if row is not None and row.preview is not None:
+                out.append((row_id, *row.preview))
+                row.preview = None
+        return out
+
+    def decode_latents(self, latents: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
+        """Latents → uint8 images and finiteness, as ``decode``; it reads no row, so any thread may call it."""
+        return self.model.family.decode(torch.cat(list(latents)))
+
     def decode(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Finished rows → uint8 images (B, H, W, 3) decoded in one VAE batch, and (B,) bool: all finite."""
         return self.model.family.decode(torch.cat([self.rows[i].x for i in ids]))
@@ -232,6 +257,8 @@ class Runner:
                 if r.inpaint is not None:
                     r.x = r.inpaint.blend(sampler, r.plan, step_of[id(r)], r.x)
                 r.previous = result.denoised[j : j + 1] if sampler.uses_history else None
+                if step_of[id(r)] in r.preview_steps:
+                    r.preview = (r.preview_steps.index(step_of[id(r)]), result.denoised[j : j + 1])
 
     def _sampler_step(
         self, sampler: Sampler, rows: list[tuple[RowTensors, int]], x: torch.Tensor, out: torch.Tensor

@@ -125,6 +125,22 @@ class Gate:
             self.reviews.record_releases(images, screening.requester)
         return list(images)
 
+    def partial(
+        self, req: GenerationRequest, pixels: np.ndarray, image_index: int, partial_index: int
+    ) -> ReleasedImage:
+        """A preview (H, W, 3) of image ``image_index`` while it forms: released like any image (an edit's kept
+        pixels put back, watermark, XMP, C2PA signed) and audited. Only requests the policy releases have them."""
+        screening = req.screening
+        if screening is None or screening.verdict != "release":
+            raise GateClosed("only requests the policy releases show partial images")
+        composited, edits = edit_inputs(req, pixels[None])
+        record = image_record(req, image_index)
+        fmt, compression = req.output.format, req.output.compression
+        image = release(composited[0], record, fmt, compression, self.signer, edits[0], partial=partial_index)
+        if self.reviews is not None:
+            self.reviews.record_releases([image], screening.requester)
+        return image
+
     def _store(self) -> ReviewStore:
         if self.reviews is None:
             raise ReviewError("review_unavailable", "the review store is not open")

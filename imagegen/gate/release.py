@@ -105,6 +105,7 @@ def release(
     compression: int | None,
     signer: ManifestSigner | None = None,
     edit: EditInput | None = None,
+    partial: int | None = None,
 ) -> ReleasedImage:
     """Label, encode and sign generated pixels (H, W, 3) uint8 for release (an edit's already composited)."""
     labels: list[str] = []
@@ -121,8 +122,10 @@ def release(
     labels += ["iptc_xmp", "png_parameters"] if fmt == "png" else ["iptc_xmp"]
     if edit is not None:
         labels.append("composite_with_input" if edit.kept is not None else "edited_input")
+    if partial is not None:
+        labels.append("partial_image")  # a preview of the image while it forms: labelled and signed the same
     if signer is not None:
-        title = f"{record.model}-{record.seed}.{fmt}"
+        title = f"{record.model}-{record.seed}{'' if partial is None else f'-partial{partial}'}.{fmt}"
         ingredient = None if edit is None else Ingredient(edit.data, edit.media_type, edit.kept is not None)
         data = signer.sign(data, MEDIA_TYPES[fmt], title, SYSTEM_NAME, __version__, ingredient)
         labels.append("c2pa_manifest" if not signer.identity.development else "c2pa_manifest_untrusted_signer")

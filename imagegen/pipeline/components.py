@@ -62,6 +62,12 @@ class TextEncoder:
         """CLIPTextModel's ``pooler_output`` (B, D): the state at the end token (Flux's pooled conditioning)."""
         return self._run(prompts).pooler_output
 
+    def count_tokens(self, prompt: str) -> int:
+        """The prompt's tokens this encoder reads, specials excluded, up to its ``max_length``."""
+        ids = self.tokenizer(prompt, add_special_tokens=False, truncation=False, verbose=False)["input_ids"]
+        specials = len(self.tokenizer("", truncation=False, verbose=False)["input_ids"])
+        return min(len(ids), self.max_length - specials)
+
     def read_back(self, prompt: str) -> str:
         """The prompt as this encoder reads it: its tokenizer's round trip (normalised, without specials)."""
         ids = self.tokenizer(prompt, truncation=False, verbose=False)["input_ids"]

@@ -37,6 +37,12 @@ class ModelDefaults:
     height: int
     description: str = ""
     guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2023); the model folder may set a default
+    # OpenAI's quality → steps; imagegen.json may set any of them. Unset: half, all and twice the default steps.
+    quality: dict[str, int] = field(default_factory=dict)
+
+    def steps_for(self, quality: str) -> int:
+        presets = {"low": max(1, round(self.steps / 2)), "medium": self.steps, "high": 2 * self.steps, **self.quality}
+        return presets[quality]
 
 
 @dataclass(frozen=True, eq=False)
@@ -108,6 +114,10 @@ def serving_defaults(folder: Path, family: ModelFamily, scheduler_class: str) ->
         if unknown:
             raise ValueError(f"{path}: unknown keys {sorted(unknown)}")
         base = ModelDefaults(**{**base.__dict__, **overrides})
+        if set(base.quality) - {"low", "medium", "high"} or not all(
+            isinstance(v, int) and v >= 1 for v in base.quality.values()
+        ):
+            raise ValueError(f"{path}: quality maps low, medium and high to step counts ≥ 1, got {base.quality}")
     if base.sampler not in family.samplers:
         raise ValueError(f"default sampler {base.sampler!r} is not one of {sorted(family.samplers)} for this model")
     return base

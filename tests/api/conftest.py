@@ -20,6 +20,7 @@ def client(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> I
         models_dir=tiny_models_dir,
         default_model="tiny-eps",
         max_pixels=64 * 64,
+        model_aliases="gpt-image-1=tiny-eps, dall-e-3=tiny-v",
         state_dir=tmp_path_factory.mktemp("state"),
         api_keys_file=write_key_file(
             tmp_path_factory.mktemp("keys") / "keys.toml",

@@ -40,7 +40,7 @@ def assert_error(r, status: int, code: str, param: str | None) -> None:  # type:
         ({"prompt": "x" * 2001}, 400, "prompt_too_long", "prompt"),
         ({"negative_prompt": "x" * 2001}, 400, "prompt_too_long", "negative_prompt"),
         ({"prompt": "   "}, 400, "invalid_prompt", "prompt"),
-        ({"response_format": "url"}, 400, "unsupported_response_format", "response_format"),
+        ({"response_format": "file"}, 400, "unsupported_response_format", "response_format"),
         ({"output_format": "gif"}, 400, "invalid_value", "output_format"),
         ({"output_compression": 101}, 400, "invalid_value", "output_compression"),
         ({"n": "three"}, 400, "invalid_value", "n"),

@@ -26,8 +26,8 @@ def submitted(client: TestClient) -> list[GenerationRequest]:
 @pytest.mark.parametrize(
     ("fields", "status", "code", "reason"),
     [
-        ({"asset_type": "package_damage_evidence"}, 403, "blocked_by_policy", "package_damage_evidence"),
-        ({"prompt": "a counterfeit handbag"}, 403, "blocked_by_policy", "counterfeit"),
+        ({"asset_type": "package_damage_evidence"}, 400, "moderation_blocked", "package_damage_evidence"),
+        ({"prompt": "a counterfeit handbag"}, 400, "moderation_blocked", "counterfeit"),
     ],
 )
 def test_blocked_before_compute(

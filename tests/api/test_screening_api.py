@@ -62,7 +62,7 @@ def test_a_benign_prompt_is_released_with_pixels(served: Served) -> None:
 @pytest.mark.parametrize("obfuscation", CLASSES)
 def test_an_obfuscated_denied_phrase_is_refused(served: Served, obfuscation: str) -> None:
     body = post(served, OBFUSCATIONS[obfuscation](DENIED))
-    assert body["status"] == 403 and body["error"]["code"] == "blocked_by_policy", body
+    assert body["status"] == 400 and body["error"]["code"] == "moderation_blocked", body
     assert "fake receipt" in body["error"]["message"]
 
 

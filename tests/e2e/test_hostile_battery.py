@@ -450,7 +450,7 @@ FIELD_VALUES: dict[str, tuple[dict[str, Any], frozenset[int]]] = {
     "guidance=-0.0": ({"guidance_scale": -0.0}, OK), "guidance=-1": ({"guidance_scale": -1}, BAD),
     "guidance=1e308": ({"guidance_scale": 1e308}, BAD), "guidance_rescale=2": ({"guidance_rescale": 2}, BAD),
     "eta=-0.5": ({"eta": -0.5}, BAD), "output_compression=101": ({"output_compression": 101}, BAD),
-    "output_format=gif": ({"output_format": "gif"}, BAD), "response_format=url": ({"response_format": "url"}, BAD),
+    "output_format=gif": ({"output_format": "gif"}, BAD), "response_format=file": ({"response_format": "file"}, BAD),
     "prompt as a number": ({"prompt": 123}, REFUSED), "prompt as a list": ({"prompt": ["a", "mug"]}, REFUSED),
     "prompt as an object": ({"prompt": {"$gt": ""}}, REFUSED), "empty prompt": ({"prompt": ""}, BAD),
     "blank prompt": ({"prompt": " \t\n "}, BAD), "2001-char prompt": ({"prompt": "a" * 2001}, BAD),
@@ -696,8 +696,8 @@ def screening_probes() -> list[Probe]:
     def prompt(text: str) -> bytes:
         return generate(prompt=f"a mug {text} on a table")
 
-    denied = [post(f"denied: {name}", prompt(text), FORBIDDEN, "blocked_by_policy") for name, text in DENIED.items()]
-    denied.append(post("denied: async", prompt("fa\u00adke receipt"), FORBIDDEN, "blocked_by_policy", **ASYNC))
+    denied = [post(f"denied: {name}", prompt(text), BAD, "moderation_blocked") for name, text in DENIED.items()]
+    denied.append(post("denied: async", prompt("fa\u00adke receipt"), BAD, "moderation_blocked", **ASYNC))
     return denied + [post(f"held: {name}", prompt(text), OK) for name, text in HELD.items()]
 
 

@@ -73,7 +73,7 @@ def test_metrics_live_on_their_own_port(server: tuple[ServerProcess, str]) -> No
     blocked = httpx.post(
         f"{proc.base}/v1/images/generations", json={**BODY, "asset_type": "package_damage_evidence"}, headers=KEY
     )
-    assert blocked.status_code == 403
+    assert blocked.status_code == 400 and blocked.json()["error"]["code"] == "moderation_blocked"
     assert httpx.get(f"{proc.base}/metrics", headers=KEY).status_code == 404  # not through the API port
     assert httpx.get(f"{ops}/readyz").status_code == 200 and httpx.get(f"{ops}/healthz").status_code == 200
     text = httpx.get(f"{ops}/metrics").text

@@ -10,7 +10,7 @@ inside (Flux packs 2×2 patches into tokens in its ``denoise``): noise is drawn 
 generator, as the diffusers pipelines do, and the sampler arithmetic is elementwise.
 
 Adding a fifth family: a module here with a ``ModelFamily`` subclass that sets ``pipelines`` (the
-``_class_name`` values it serves), implements ``load``, ``encode``, ``denoise`` and ``read_back``, and is listed
+``_class_name`` values it serves), implements ``load``, ``encode``, ``denoise`` and ``text_encoders``, and is listed
 in ``families/__init__.py``; then a tiny folder builder in the tests and a parity test against its diffusers
 pipeline.
 """
@@ -26,7 +26,7 @@ from typing import Any, ClassVar, Literal
 import numpy as np
 import torch
 
-from imagegen.pipeline.components import Decoder
+from imagegen.pipeline.components import Decoder, TextEncoder
 from imagegen.samplers import FLOW_SAMPLERS, VP_SAMPLERS, Sampler, SamplerPlan
 from imagegen.samplers.schedules import FlowSchedule, NoiseSchedule
 
@@ -132,9 +132,18 @@ class ModelFamily(ABC):
         """x (B, C, h, w) fp32, t (B,) the plans' timesteps, guidance (B,) w → model output (B, C, h, w) fp32
         (ε, v or flow velocity, as ``schedule.prediction_type`` says)."""
 
+    @property
     @abstractmethod
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        """Every text encoder the family reads a prompt with, the primary one first."""
+
     def read_back(self, prompt: str) -> list[str]:
         """The prompt as each of the family's tokenizers reads it back (for screening what the model reads)."""
+        return list(dict.fromkeys(e.read_back(prompt) for e in self.text_encoders))
+
+    def prompt_tokens(self, prompt: str) -> int:
+        """The prompt's tokens as the primary encoder reads them (what it cuts off is not counted)."""
+        return self.text_encoders[0].count_tokens(prompt)
 
     @abstractmethod
     def defaults(self, scheduler_class: str) -> FamilyDefaults:

@@ -145,8 +145,9 @@ class Flux(ModelFamily):
             }
         )
 
-    def read_back(self, prompt: str) -> list[str]:
-        return list(dict.fromkeys([self.clip.read_back(prompt), self.t5.read_back(prompt)]))
+    @property
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        return (self.clip, self.t5)
 
     @torch.inference_mode()
     def denoise(

@@ -156,8 +156,9 @@ class StableDiffusion(UNetFamily):
         states = self.text_encoder.encode([p or "" for p in prompts])  # SD encodes an absent negative as ""
         return Conditioning({"context": states.to(self.placement.device)})
 
-    def read_back(self, prompt: str) -> list[str]:
-        return [self.text_encoder.read_back(prompt)]
+    @property
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        return (self.text_encoder,)
 
     @torch.inference_mode()
     def denoise(

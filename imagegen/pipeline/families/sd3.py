@@ -174,9 +174,9 @@ class StableDiffusion3(ModelFamily):
             }
         )
 
-    def read_back(self, prompt: str) -> list[str]:
-        encoders = [e for e in (self.sentence, self.clip_l, self.clip_g, self.t5) if e is not None]
-        return list(dict.fromkeys(e.read_back(prompt) for e in encoders))
+    @property
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        return tuple(e for e in (self.sentence, self.clip_l, self.clip_g, self.t5) if e is not None)
 
     @torch.inference_mode()
     def denoise(

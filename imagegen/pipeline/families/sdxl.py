@@ -117,8 +117,9 @@ class StableDiffusionXL(UNetFamily):
             pooled = torch.where(absent.view(-1, 1), 0.0, pooled)
         return Conditioning({"context": states, "pooled": pooled})
 
-    def read_back(self, prompt: str) -> list[str]:
-        return list(dict.fromkeys([self.text_encoder.read_back(prompt), self.text_encoder_2.read_back(prompt)]))
+    @property
+    def text_encoders(self) -> tuple[TextEncoder, ...]:
+        return (self.text_encoder, self.text_encoder_2)
 
     @torch.inference_mode()
     def denoise(
