@@ -92,11 +92,13 @@ async def run(
     resolved: GenerationRequest,
     stream: Kind | None = None,
     on_submit: Callable[[Job], None] = lambda _: None,
+    partials: bool = False,
 ) -> ImagesResponse | JSONResponse | StreamingResponse:
     """Screen, charge and run a resolved request: answered when done, streamed as server-sent events (``stream``:
-    the events' kind), or queued as a job (``respond-async``)."""
+    the events' kind), or queued as a job (``respond-async``). ``partials``: keep the request's previews though it
+    is neither streamed nor a job (someone polls them)."""
     respond_async = prefer is not None and "respond-async" in prefer.lower()
-    if stream is None and not respond_async:
+    if stream is None and not respond_async and not partials:
         resolved = replace(resolved, partial_images=0)  # no one would see them
     # Tokenizing and normalising a long prompt takes milliseconds: off the event loop, like all real work.
     req = await asyncio.to_thread(screen, services, use, resolved, caller)

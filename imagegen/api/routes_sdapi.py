@@ -29,6 +29,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Literal
 
@@ -54,6 +55,7 @@ from imagegen.gate.policy import Use
 from imagegen.logs import request_id
 
 router = APIRouter()
+PROGRESS_PREVIEWS = 3  # partial images per image of an sdapi request, shown by /progress
 RESIZE_MODES: dict[int, Literal["crop", "stretch", "pad"]] = {0: "stretch", 1: "crop", 2: "pad", 3: "stretch"}
 SAMPLER_NAMES = a1111.SAMPLER_NAMES  # A1111's names (any case), its aliases and ours → ours
 # Our field names in validation errors → A1111's
@@ -276,8 +278,10 @@ def a1111_answer(
 async def run_a1111(
     services: Services, caller: Caller, request: Request, use: Use, req: GenerationRequest
 ) -> ImagesResponse:
-    """``routes_images.run`` (screening, quota, engine, release gate), with the job in the caller's sdapi jobs."""
+    """``routes_images.run`` (screening, quota, engine, release gate), with the job in the caller's sdapi jobs and
+    previews for /progress's ``current_image``."""
     jobs = sdapi_state(request.app).jobs
+    req = replace(req, partial_images=PROGRESS_PREVIEWS)
     answer = await run(
         services,
         ready_engine(services),
@@ -287,6 +291,7 @@ async def run_a1111(
         use,
         req,
         on_submit=lambda job: jobs.add(caller.name, job),
+        partials=True,
     )
     assert isinstance(answer, ImagesResponse)  # never queued: A1111's API has no jobs
     return answer
@@ -419,10 +424,11 @@ async def samplers(services: ServicesDep, caller: CallerDep) -> list[dict[str, A
 
 # ---- progress and interrupt ----------------------------------------------------------------------------------
 def current_image(job: Job) -> str | None:
-    """The job's preview as A1111 sends it (a base64 PNG), or None. Always None for now: a preview leaves only
-    labelled, through the release gate like any image, and partial images reach the API with another change. This
-    is the one place that will produce it."""
-    return None
+    """The job's latest preview as A1111 sends it (base64), or None: a partial image the gate released (labelled
+    and signed like any image); a held request has none."""
+    if not job.partials:
+        return None
+    return base64.b64encode(job.partials[-1].image.data).decode()
 
 
 def idle_state() -> dict[str, Any]:

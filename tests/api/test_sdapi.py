@@ -157,11 +157,19 @@ def test_progress_of_the_callers_request_then_idle(client: TestClient) -> None:
     assert_idle(progress(client))
     thread, out = start_long_txt2img(client, steps=150)
     running = wait_for_progress(client)
-    assert 0 < running["progress"] < 1 and running["eta_relative"] > 0 and running["current_image"] is None
+    assert 0 < running["progress"] < 1 and running["eta_relative"] > 0
     state = running["state"]
     assert state["job_count"] == 1 and state["sampling_steps"] == 150 and 0 < state["sampling_step"] < 150
     assert state["job"] and not state["interrupted"] and running["textinfo"].startswith("step ")
     assert_idle(progress(client, ALICE))  # another key does not see it
+    deadline = time.monotonic() + 30
+    while (shown := progress(client))["current_image"] is None and shown["progress"] > 0:
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    assert shown["current_image"] is not None, "the request ended before its first preview"
+    preview = decode_image(shown["current_image"])  # a released partial: labelled like any image
+    assert_labeled_synthetic(preview, "tiny-eps")
+    assert preview.size == (32, 32)
     thread.join(60)
     assert out[0].status_code == 200, out[0].text
     assert_idle(progress(client))
