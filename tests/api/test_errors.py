@@ -13,6 +13,7 @@ def assert_error(r, status: int, code: str, param: str | None) -> None:  # type:
     err = r.json()["error"]
     assert set(err) == {"code", "message", "param", "type"}
     assert err["code"] == code and err["param"] == param and err["message"]
+    assert r.headers["x-should-retry"] == ("true" if status in (408, 429) else "false")  # the same request fails again
 
 
 @pytest.mark.parametrize(
@@ -78,3 +79,15 @@ def test_unknown_route_and_method(client: TestClient) -> None:
 
 def test_service_still_serves_after_errors(client: TestClient) -> None:
     assert client.post("/v1/images/generations", json=GOOD).status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "retry"),
+    [(504, "deadline_exceeded", "false"), (500, "non_finite_output", "false"), (409, "job_cancelled", "false"),
+     (503, "not_ready", "true"), (429, "queue_full", "true"), (500, "internal_error", "true")],
+)  # fmt: skip
+def test_the_retry_header_says_whether_a_retry_can_help(status: int, code: str, retry: str) -> None:
+    """The official OpenAI clients retry 408, 409, 429 and 5xx unless x-should-retry says false."""
+    from imagegen.api.errors import error_response
+
+    assert error_response(status, code, "m").headers["x-should-retry"] == retry
