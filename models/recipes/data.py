@@ -241,7 +241,8 @@ def render_with_mask(rng: random.Random, obj: str, colour: str, background: str)
     canvas.paste(layer, (dx, dy), layer)
     coverage = Image.new("L", (s, s), 0)
     coverage.paste(layer.getchannel("A"), (dx, dy))
-    return np.asarray(canvas.resize((SIZE, SIZE), Image.LANCZOS)), np.asarray(coverage.resize((SIZE, SIZE), Image.BOX))
+    image = canvas.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
+    return np.asarray(image), np.asarray(coverage.resize((SIZE, SIZE), Image.Resampling.BOX))
 
 
 def _triple(rng: random.Random, split: str) -> tuple[str, str, str]:
