@@ -1,8 +1,8 @@
 """Run requests through a real ModelEngine, the path production runs, and keep what tests compare.
 
-All requests are submitted before the engine starts, so they join the same steps. The runner's decode is
-watched to keep each row's final latent (what the parity tests compare with diffusers' ``output_type="latent"``);
-the gate's side is replaced by a function that keeps the decoded pixels.
+All requests are submitted before the engine starts, so they join the same steps. The runner's hand-over of
+finished rows is watched to keep each row's final latent (what the parity tests compare with diffusers'
+``output_type="latent"``); the gate's side is replaced by a function that keeps the decoded pixels.
 """
 
 from __future__ import annotations
@@ -56,19 +56,19 @@ def run_engine(
         SchedulerConfig(max_rows_per_forward=max_rows, max_queued_images=256, policy="fifo", buckets=buckets)
     )
     eng = ModelEngine(model, config, PromptCache(), finish)  # type: ignore[arg-type]
-    step, decode = eng.runner.step, eng.runner.decode
+    step, take_finished = eng.runner.step, eng.runner.take_finished
 
     def watched_step(batch: StepBatch) -> StepResult:
         batches.append(batch)
         return step(batch)
 
-    def watched_decode(ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+    def watched_take_finished(ids: Sequence[int]) -> list[torch.Tensor]:
         for i in ids:
             latents[i] = eng.runner.rows[i].x.clone()
-        return decode(ids)
+        return take_finished(ids)
 
     eng.runner.step = watched_step  # type: ignore[method-assign]
-    eng.runner.decode = watched_decode  # type: ignore[method-assign]
+    eng.runner.take_finished = watched_take_finished  # type: ignore[method-assign]
     tagged = [_tag(r, i) for i, r in enumerate(requests)]
     jobs = [eng.submit(r) for r in tagged]
     eng.start()

@@ -1,9 +1,12 @@
-"""The step loop, one thread per model: every denoising step runs one UNet forward over all active rows.
+"""The step loop, one thread per device: every denoising step runs one forward over a model's active rows.
 
 Requests with different samplers, step counts, guidance scales and seeds join at the next step
-boundary and leave when done (continuous batching). Cancellation, client disconnects and deadlines
-take effect at step boundaries: the job's rows are removed and compute for them stops. HTTP handlers
-only await a job's future, so no torch work runs on the event loop.
+boundary and leave when done (continuous batching). All models on one device share one loop
+(``DeviceLoop``), which runs one forward at a time and picks the most urgent next — fewest remaining
+steps, aged by the forwards a model has waited — so a short request on one model is not slowed by
+long ones on another competing for the same cores or GPU. Cancellation, client disconnects and
+deadlines take effect at step boundaries: the job's rows are removed and compute for them stops.
+HTTP handlers only await a job's future, so no torch work runs on the event loop.
 """
 
 from __future__ import annotations
@@ -109,6 +112,11 @@ Finish = Callable[[GenerationRequest, np.ndarray], Sequence[ReleasedImage | Held
 Partial = Callable[[GenerationRequest, np.ndarray, int, int], ReleasedImage]
 
 
+def pixel_bytes(job: Job) -> int:
+    """The decoded pixels of a job, as the release backlog counts them."""
+    return job.request.n * job.request.height * job.request.width * 3
+
+
 def jobs_of(rows: Sequence[RowRef]) -> list[str]:
     """The distinct jobs of some rows, in row order."""
     return list(dict.fromkeys(r.job for r in rows))
@@ -123,7 +131,9 @@ class ModelEngine:
         finish: Finish,
         observer: EngineObserver | None = None,
         partial: Partial | None = None,
+        cv: threading.Condition | None = None,
     ) -> None:
+        """``cv``: the condition of the device loop this engine runs in (shared by every model on the device)."""
         self.model = model
         self.finish = finish
         self.partial = partial
@@ -133,26 +143,25 @@ class ModelEngine:
         self.runner = Runner(model)
         self.scheduler = Scheduler(config.scheduler)
         self.ready = threading.Event()
-        self._cv = threading.Condition()
+        self._cv = cv or threading.Condition()
         self._inbox: list[Job] = []
         self._active: dict[str, Job] = {}
         self._stopping = False
         self._releasing = 0  # jobs handed to the release pool and not yet resolved
         self._releasing_bytes = 0  # their decoded pixels
-        self._thread = threading.Thread(target=self._loop, name=f"engine-{model.name}", daemon=True)
+        self._own_loop: DeviceLoop | None = None
         self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
 
     # ---- called from other threads -------------------------------------------------------
     def start(self) -> None:
-        self._thread.start()
+        """Run alone, in a device loop of its own (``Engine`` puts the models of a device in one loop)."""
+        self._own_loop = DeviceLoop([self], self._cv)
+        self._own_loop.start()
 
     def stop(self, timeout: float | None = None) -> None:
         """Finish what was accepted, then end the loop."""
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        self._thread.join(timeout)
-        self._release_pool.shutdown(wait=True)
+        if self._own_loop is not None:
+            self._own_loop.stop(timeout)
 
     def submit(self, request: GenerationRequest) -> Job:
         """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound."""
@@ -215,44 +224,35 @@ class ModelEngine:
         finally:
             self.runner.drop([r.id for r in refs])
 
-    def _loop(self) -> None:
-        try:
-            self.warm_up()
-        except Exception:
-            log.exception("warm-up of %s failed", self.model.name)
-            return
-        self.ready.set()
-        while True:
-            try:
-                if not self._iterate():
-                    return
-            except Exception as exc:  # a bug between steps must not strand futures (and their quota slots)
-                log.exception("engine loop of %s failed; failing its jobs", self.model.name)
-                for job in list(self._active.values()):
-                    self._fail(job, exc, "failed")
+    # ---- steps, driven by the device loop (under its condition where it says so) -------------------------
+    def has_work(self) -> bool:
+        return bool(self._inbox or self._active)
 
-    def _iterate(self) -> bool:
-        """One pass: admit new jobs, drop cancelled ones, run one step. False when the engine stops."""
+    def prepare(self) -> None:
+        """Admit new jobs (prompts encoded, initial noise drawn) and drop cancelled and overdue ones."""
         with self._cv:
-            while not self._inbox and not self._active and not self._stopping:
-                self._cv.wait()
-            if self._stopping and not self._active:
-                return False
             new, self._inbox = self._inbox, []
         for job in new:
             self._materialize(job)
         self._reap()
+
+    def next_batch(self) -> StepBatch | None:
         with self._cv:
-            batch = self.scheduler.schedule()
-        if batch is None:
-            return True
+            return self.scheduler.schedule()
+
+    def fail_all(self, exc: Exception) -> None:
+        for job in list(self._active.values()):
+            self._fail(job, exc, "failed")
+
+    def execute(self, batch: StepBatch) -> None:
+        """Run one step of ``batch``, advance its rows, release the jobs that finished."""
         now = time.monotonic()
         for job in self._jobs(batch.rows):
             if job.first_step_at is None:
                 job.first_step_at, job.state = now, "running"
         ran = self._run(batch)
         if ran is None:
-            return True
+            return
         batch, result = ran
         stepped = time.monotonic()
         for job in self._jobs(batch.rows):
@@ -276,7 +276,6 @@ class ModelEngine:
             )
         )
         self._complete(finished)
-        return True
 
     def _materialize(self, job: Job) -> None:
         """Encode the prompts (cached) and draw each row's initial noise, then queue the rows."""
@@ -377,23 +376,25 @@ class ModelEngine:
                 for job, *_ in items:
                     job.previews_pending -= 1
 
-    def _decode(self, jobs: list[Job]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
-        """Decode the rows of ``jobs`` in one VAE batch; if that fails, each job alone once."""
+    def _decode(self, jobs: list[Job], latents: list[Tensor]) -> list[tuple[Job, np.ndarray, np.ndarray]]:
+        """Decode the finished latents of ``jobs`` in one VAE batch; if that fails, each job alone once."""
         try:
-            pixels, finite = self.runner.decode([row.id for job in jobs for row in job.rows])
+            pixels, finite = self.runner.decode_latents(latents)
         except Exception as exc:
             if len(jobs) == 1:
                 log.exception("decode failed on %s", self.model.name)
                 self._fail(jobs[0], exc, "failed")
                 return []
             log.warning("a decode of %d jobs failed on %s: retrying each job alone", len(jobs), self.model.name)
-            out = []
+            out, offset = [], 0
             for job in jobs:
+                n = len(job.rows)
                 try:
-                    out.append((job, *self.runner.decode([r.id for r in job.rows])))
+                    out.append((job, *self.runner.decode_latents(latents[offset : offset + n])))
                 except Exception as exc:
                     log.exception("decode failed for job %s", job.id, extra={"request_id": job.request.request_id})
                     self._fail(job, exc, "failed")
+                offset += n
             return out
         out, offset = [], 0
         for job in jobs:
@@ -407,46 +408,71 @@ class ModelEngine:
         return [self._active[j] for j in jobs_of(rows) if j in self._active]
 
     def _complete(self, finished: list[RowRef]) -> None:
-        """Decode every job whose last row just finished, in one VAE batch, and release its images."""
+        """Hand every job whose last row just finished to the decode worker: its VAE decode (one batch for the
+        jobs of this step) and release run off the step loop, so the next step does not wait for them."""
         jobs = [job for job in self._jobs(finished) if all(r.done for r in job.rows)]
         if not jobs:
             return
-        started = time.perf_counter()
-        decoded = self._decode(jobs)
-        for job in jobs:
-            self.runner.drop([r.id for r in job.rows])  # its pixels are on the host now
-        if decoded:
-            images = sum(len(p) for _, p, _ in decoded)
-            self.observer.on_decode(DecodeStats(self.model.name, images, time.perf_counter() - started))
-        for job, pixels, finite in decoded:
-            if not finite.all():  # never a black square labelled as a success
-                bad = [i for i, ok in enumerate(finite) if not ok]
-                self.observer.on_non_finite(NonFiniteStats(self.model.name, job.request.sampler, len(bad)))
-                log.error("job %s: images %s are not finite", job.id, bad, extra={"request_id": job.request.request_id})
-                self._fail(job, NonFiniteOutput(bad), "non_finite_output")
-                continue
-            self._wait_for_release_room(pixels.nbytes)
+        batch: list[Job] = []
+        latents: list[Tensor] = []
+        for job in jobs:  # one decode batch, split only where the release backlog has no room
+            nbytes = pixel_bytes(job)
+            with self._cv:
+                room = not self._releasing or self._releasing_bytes + nbytes <= self.config.max_release_backlog_bytes
+            if batch and not room:
+                self._release_pool.submit(self._decode_jobs, batch, latents)
+                batch, latents = [], []
+            self._wait_for_release_room(nbytes)
+            latents += self.runner.take_finished([r.id for r in job.rows])
             with self._cv:
                 self._active.pop(job.id, None)
                 self._releasing += 1
-                self._releasing_bytes += pixels.nbytes
-            # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
-            self._release_pool.submit(self._release, job, pixels)
+                self._releasing_bytes += nbytes
+            batch.append(job)
+        self._release_pool.submit(self._decode_jobs, batch, latents)
 
-    def _wait_for_release_room(self, nbytes: int) -> None:
-        """Backpressure: while decoded pixels waiting for the gate exceed their budget, the step loop waits."""
-        with self._cv:
-            while self._releasing and self._releasing_bytes + nbytes > self.config.max_release_backlog_bytes:
-                self._cv.wait(timeout=1.0)
+    def _decode_jobs(self, jobs: list[Job], latents: list[Tensor]) -> None:
+        """On the decode worker: one VAE batch, then each job's release on the release threads."""
+        released: set[str] = set()
+        try:
+            started = time.perf_counter()
+            decoded = self._decode(jobs, latents)
+            if decoded:
+                images = sum(len(p) for _, p, _ in decoded)
+                self.observer.on_decode(DecodeStats(self.model.name, images, time.perf_counter() - started))
+            for job, pixels, finite in decoded:
+                if not finite.all():  # never a black square labelled as a success
+                    bad = [i for i, ok in enumerate(finite) if not ok]
+                    self.observer.on_non_finite(NonFiniteStats(self.model.name, job.request.sampler, len(bad)))
+                    extra = {"request_id": job.request.request_id}
+                    log.error("job %s: images %s are not finite", job.id, bad, extra=extra)
+                    self._fail(job, NonFiniteOutput(bad), "non_finite_output")
+                    continue
+                # Encoding and labelling (PNG zlib, C2PA signing) release the GIL: they overlap the next steps.
+                self._release_pool.submit(self._release, job, pixels)
+                released.add(job.id)
+        finally:
+            self._released([j for j in jobs if j.id not in released])
 
     def _release(self, job: Job, pixels: np.ndarray) -> None:
         try:
             self._release_images(job, pixels)
         finally:
-            with self._cv:
-                self._releasing -= 1
-                self._releasing_bytes -= pixels.nbytes
-                self._cv.notify_all()
+            self._released([job])
+
+    def _released(self, jobs: list[Job]) -> None:
+        """These jobs' pixels no longer wait for the gate."""
+        with self._cv:
+            self._releasing -= len(jobs)
+            self._releasing_bytes -= sum(pixel_bytes(job) for job in jobs)
+            self._cv.notify_all()
+
+    def _wait_for_release_room(self, nbytes: int) -> None:
+        """Backpressure: while pixels being decoded or waiting for the gate exceed their budget, the step loop
+        waits."""
+        with self._cv:
+            while self._releasing and self._releasing_bytes + nbytes > self.config.max_release_backlog_bytes:
+                self._cv.wait(timeout=1.0)
 
     def _release_images(self, job: Job, pixels: np.ndarray) -> None:
         try:
@@ -476,8 +502,78 @@ class ModelEngine:
         return JobStats(self.model.name, job.request.sampler, job.request.n, outcome, queue, first, total)
 
 
+class DeviceLoop:
+    """One thread for every model on a device: one forward at a time, the most urgent batch next."""
+
+    def __init__(self, engines: list[ModelEngine], cv: threading.Condition) -> None:
+        self.engines = engines
+        self._cv = cv
+        self._ticks = 0
+        self._last_ran: dict[str, int] = {}  # model → tick of its last forward
+        name = "engine-" + "+".join(e.model.name for e in engines)
+        self._thread = threading.Thread(target=self._loop, name=name[:60], daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Finish what was accepted, then end the loop."""
+        with self._cv:
+            for e in self.engines:
+                e._stopping = True
+            self._cv.notify_all()
+        self._thread.join(timeout)
+        for e in self.engines:
+            e._release_pool.shutdown(wait=True)
+
+    def urgency(self, engine: ModelEngine, batch: StepBatch) -> tuple[int, int]:
+        """Fewest remaining steps first, less the forwards the model has waited (nothing starves); then the
+        model that ran longest ago."""
+        remaining = min(r.steps - r.step for r in batch.rows)
+        last = self._last_ran.get(engine.model.name, -1)
+        return remaining - (self._ticks - last if last >= 0 else 0), last
+
+    def _loop(self) -> None:
+        engines = []
+        for e in self.engines:
+            try:
+                e.warm_up()
+            except Exception:
+                log.exception("warm-up of %s failed", e.model.name)
+                continue  # never ready: /readyz says so, and nothing is submitted to it
+            e.ready.set()
+            engines.append(e)
+        while engines:
+            try:
+                if not self._iterate(engines):
+                    return
+            except Exception as exc:  # a bug between steps must not strand futures (and their quota slots)
+                log.exception("the engine loop of %s failed; failing its jobs", self._thread.name)
+                for e in engines:
+                    e.fail_all(exc)
+
+    def _iterate(self, engines: list[ModelEngine]) -> bool:
+        """One pass: admit new jobs and drop cancelled ones on every model, run the most urgent step. False
+        when the loop stops."""
+        with self._cv:
+            while not any(e.has_work() for e in engines) and not all(e._stopping for e in engines):
+                self._cv.wait()
+            if all(e._stopping and not e._active for e in engines):
+                return False
+        for e in engines:
+            e.prepare()
+        candidates = [(e, b) for e in engines if (b := e.next_batch()) is not None]
+        if not candidates:
+            return True
+        engine, batch = min(candidates, key=lambda c: self.urgency(*c))
+        engine.execute(batch)
+        self._ticks += 1
+        self._last_ran[engine.model.name] = self._ticks
+        return True
+
+
 class Engine:
-    """The step loops of every loaded model, addressed by model name."""
+    """The models being served, addressed by name; one device loop per device runs them."""
 
     def __init__(
         self,
@@ -488,15 +584,24 @@ class Engine:
         observer: EngineObserver | None = None,
         partial: Partial | None = None,
     ) -> None:
-        self.workers = {m.name: ModelEngine(m, config, cache, finish, observer, partial) for m in models}
+        by_device: dict[str, list[LoadedModel]] = {}
+        for m in models:
+            by_device.setdefault(str(m.device), []).append(m)
+        self.workers: dict[str, ModelEngine] = {}
+        self.loops: list[DeviceLoop] = []
+        for on_device in by_device.values():
+            cv = threading.Condition()
+            engines = [ModelEngine(m, config, cache, finish, observer, partial, cv) for m in on_device]
+            self.workers.update((e.model.name, e) for e in engines)
+            self.loops.append(DeviceLoop(engines, cv))
 
     def start(self) -> None:
-        for w in self.workers.values():
-            w.start()
+        for loop in self.loops:
+            loop.start()
 
     def stop(self, timeout: float | None = None) -> None:
-        for w in self.workers.values():
-            w.stop(timeout)
+        for loop in self.loops:
+            loop.stop(timeout)
 
     @property
     def ready(self) -> bool:

@@ -205,13 +205,15 @@ class Runner:
                 row.preview = None
         return out
 
+    def take_finished(self, ids: Sequence[int]) -> list[torch.Tensor]:
+        """The final latents (1, C, h, w) of finished rows, which leave the runner."""
+        latents = [self.rows[i].x for i in ids]
+        self.drop(ids)
+        return latents
+
     def decode_latents(self, latents: Sequence[torch.Tensor]) -> tuple[np.ndarray, np.ndarray]:
         """Latents → uint8 images and finiteness, as ``decode``; it reads no row, so any thread may call it."""
         return self.model.family.decode(torch.cat(list(latents)))
-
-    def decode(self, ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-        """Finished rows → uint8 images (B, H, W, 3) decoded in one VAE batch, and (B,) bool: all finite."""
-        return self.model.family.decode(torch.cat([self.rows[i].x for i in ids]))
 
     def _forward(self, rows: list[tuple[RowTensors, int]], pad_to: int = 0) -> None:
         """One denoising step for rows of one latent shape; each row's tensors replaced once all have stepped."""

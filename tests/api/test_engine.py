@@ -117,3 +117,46 @@ def test_prompt_cache_reuses_prompt_and_negative_states(engine: tuple[ModelEngin
     for _ in range(3):
         eng.submit(request("ddim", 2, 3.0, seed=1)).future.result(30)
     assert eng.cache.hits - before >= 4  # prompt + "" twice over
+
+
+def test_models_on_one_device_share_one_loop_and_short_requests_go_first(tiny_models_dir: Path) -> None:
+    """The teacher and the LCM student on one device: one thread runs every forward (they never compete for
+    the cores), and a 4-step request on the student arriving behind long ones on the teacher finishes first."""
+    import threading
+
+    from imagegen.engine.engine import Engine, EngineObserver, StepStats
+
+    placement = resolve_placement("cpu", "float32")
+    models = [load_model(tiny_models_dir / name, placement) for name in ("tiny-eps", "tiny-lcm")]
+    steps: list[tuple[str, str]] = []
+
+    def on_step(stats: StepStats) -> None:
+        steps.append((stats.model, threading.current_thread().name))
+
+    config = EngineConfig(SchedulerConfig(max_rows_per_forward=8, max_queued_images=64))
+    engine = Engine(models, config, PromptCache(), lambda req, px: [], EngineObserver(on_step=on_step))
+    assert len(engine.loops) == 1
+    long = [request("ddim", 40, 3.0, seed=s) for s in range(3)]
+    short = GenerationRequest(
+        model="tiny-lcm", prompt="a mug", negative_prompt=None, n=1, width=16, height=16, steps=4,
+        guidance_scale=1.0, seed=9, sampler="lcm", eta=0.0, output=OutputSpec(),
+        screening=Screening("release", (), Use(), "test"),
+    )  # fmt: skip
+    engine.start()
+    try:
+        while not engine.ready:
+            time.sleep(0.01)
+        long_jobs = [engine.submit(r) for r in long]
+        while not any(j.steps_done for j in long_jobs):  # the teacher is busy
+            time.sleep(0.001)
+        short_job = engine.submit(short)
+        for job in [short_job, *long_jobs]:
+            job.future.result(120)
+    finally:
+        engine.stop(60)
+    assert {thread for _, thread in steps} == {steps[0][1]}  # one loop ran every forward of both models
+    assert {model for model, _ in steps} == {"tiny-eps", "tiny-lcm"}
+    assert short_job.finished_at is not None
+    assert all(j.finished_at is not None and short_job.finished_at < j.finished_at for j in long_jobs)
+    first = next(i for i, (model, _) in enumerate(steps) if model == "tiny-lcm")
+    assert [m for m, _ in steps[first : first + 4]] == ["tiny-lcm"] * 4  # its four steps back to back

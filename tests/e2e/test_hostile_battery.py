@@ -525,7 +525,8 @@ def step_probes() -> list[Probe]:
 def uniform_images(seen: Iterable[Seen]) -> list[str]:
     """Released images whose pixels are all one value: what a NaN latent decodes to."""
     found = []
-    for s in (s for s in seen if s.status == 200):
+    # JPEG at quality 0 (output_compression 0) may flatten a small image to one colour by request: not a NaN
+    for s in (s for s in seen if s.status == 200 and "compression 0" not in s.probe.name):
         for i, item in enumerate(s.json()["data"]):
             pixels = pixels_of(item["b64_json"])
             if not np.isfinite(pixels).all() or float(np.std(pixels)) == 0.0:
@@ -705,7 +706,7 @@ def bypasses(seen: Iterable[Seen]) -> list[str]:
     """A denied phrase that was not blocked, or a held term whose image came back with pixels."""
     found = []
     for s in seen:
-        if s.probe.name.startswith("denied") and s.status != 403:
+        if s.probe.name.startswith("denied") and (s.status != 400 or s.json()["error"]["code"] != "moderation_blocked"):
             found.append(s.line())
         elif s.probe.name.startswith("held") and s.status == 200:
             items = s.json()["data"]
