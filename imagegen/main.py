@@ -101,6 +101,9 @@ def load_and_start(services: Services) -> None:
         deadline_seconds=settings.request_deadline_seconds,
         max_release_backlog_bytes=settings.max_release_backlog_bytes,
     )
+    if settings.compile != "off":
+        for model in models:
+            model.family.compile(settings.compile)
     m = services.metrics
     observer = EngineObserver(
         on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode, on_non_finite=m.observe_non_finite

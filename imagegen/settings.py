@@ -85,6 +85,9 @@ class Settings(BaseSettings):
         description="short_first: fewest remaining steps first, aged; fifo: every admitted row each step.",
     )
     batch_buckets: str = Field("", description='Pad forwards to fixed sizes, e.g. "1,2,4,8,16" (CUDA graphs).')
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = Field(
+        "off", description="torch.compile each denoiser with this mode, compiled for every bucket before /readyz."
+    )
     request_deadline_seconds: float | None = Field(300.0, gt=0, description="A request not done by then → 504.")
     prompt_cache_entries: int = Field(1024, ge=0, description="LRU entries of (model, prompt) → token states.")
     job_ttl_seconds: float = Field(600.0, gt=0, description="How long finished async jobs keep their result.")

@@ -209,7 +209,7 @@ class ModelEngine:
 
     # ---- the engine thread -----------------------------------------------------------------
     def warm_up(self) -> None:
-        """One real step at the default size: allocators, kernels and lazy inits happen before /readyz."""
+        """Real steps at the default size: allocators, kernels and lazy inits happen before /readyz."""
         d = self.model.defaults
         req = GenerationRequest(
             model=self.model.name, prompt="", negative_prompt="", n=1, width=d.width, height=d.height, steps=1,
@@ -219,8 +219,10 @@ class ModelEngine:
             image, mask = np.full((d.height, d.width, 3), 127, np.uint8), np.ones((d.height, d.width), np.float32)
             req = replace(req, init_image=image, mask=mask)
         refs = self.runner.admit(req, "warm-up", *conditioning(self.model, req, self.cache))
-        try:
-            self.runner.step(StepBatch(tuple(refs), sum(r.cost for r in refs), sum(r.cost for r in refs)))
+        cost = sum(r.cost for r in refs)
+        try:  # every padded batch size: a compiled denoiser compiles each before /readyz, not on a request
+            for size in [b for b in self.config.scheduler.buckets if b >= cost] or [cost]:
+                self.runner.step(StepBatch(tuple(refs), cost, size))
         finally:
             self.runner.drop([r.id for r in refs])
 

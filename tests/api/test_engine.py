@@ -160,3 +160,33 @@ def test_models_on_one_device_share_one_loop_and_short_requests_go_first(tiny_mo
     assert all(j.finished_at is not None and short_job.finished_at < j.finished_at for j in long_jobs)
     first = next(i for i, (model, _) in enumerate(steps) if model == "tiny-lcm")
     assert [m for m, _ in steps[first : first + 4]] == ["tiny-lcm"] * 4  # its four steps back to back
+
+
+def test_a_compiled_denoiser_compiles_in_warm_up_and_gives_the_same_latents(tiny_models_dir: Path) -> None:
+    """IMAGEGEN_COMPILE: every padded batch size compiles before the model is ready, none on a request's path."""
+    import torch._dynamo
+
+    from tests.engine_run import run_engine
+
+    req = GenerationRequest(
+        model="tiny-eps", prompt="a mug", negative_prompt=None, n=2, width=16, height=16, steps=4,
+        guidance_scale=3.0, seed=1, sampler="ddim", eta=0.0, output=OutputSpec(),
+    )  # fmt: skip
+    placement = resolve_placement("cpu", "float32")
+    eager = run_engine(load_model(tiny_models_dir / "tiny-eps", placement), [req], max_rows=8, buckets=(4, 8))
+    compiled_model = load_model(tiny_models_dir / "tiny-eps", placement)
+    compiled_model.family.compile("default")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    compiles: list[int] = []
+    engine = ModelEngine(
+        compiled_model, EngineConfig(SchedulerConfig(max_rows_per_forward=8, buckets=(4, 8))), PromptCache(),
+        lambda r, px: [],
+    )  # fmt: skip
+    engine.warm_up()
+    compiles.append(int(counters["stats"]["unique_graphs"]))
+    compiled = run_engine(compiled_model, [req], max_rows=8, buckets=(4, 8))
+    compiles.append(int(counters["stats"]["unique_graphs"]))
+    assert compiles[0] >= 1 and compiles[1] == compiles[0]  # the run found every shape compiled
+    diff = (compiled.outcomes[0].latents - eager.outcomes[0].latents).abs().max().item()
+    assert diff <= 1e-4, diff

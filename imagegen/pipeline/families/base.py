@@ -114,6 +114,13 @@ class ModelFamily(ABC):
     decoder: Decoder
     placement: Placement
     negative_prompt: bool = True  # takes a negative prompt (in an uncond row)
+    denoiser_attribute: ClassVar[str] = "unet"  # the module ``compile`` wraps
+
+    def compile(self, mode: str) -> None:
+        """``torch.compile`` the denoiser (inductor, CPU or GPU; ``reduce-overhead`` adds CUDA graphs). It compiles
+        on its first forwards, which the engine's warm-up runs, one per batch size it will use."""
+        module = getattr(self, self.denoiser_attribute)
+        setattr(self, self.denoiser_attribute, torch.compile(module, mode=mode))
 
     @classmethod
     @abstractmethod

@@ -72,6 +72,7 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
 
 
 class Flux(ModelFamily):
+    denoiser_attribute = "transformer"
     name = "flux"
     pipelines = frozenset({"FluxPipeline"})
     negative_prompt = False  # the pipeline's true-CFG path is not served

@@ -55,6 +55,7 @@ def load_tokenizer(folder: Path, index: Mapping[str, Any], name: str) -> PreTrai
 
 
 class StableDiffusion3(ModelFamily):
+    denoiser_attribute = "transformer"
     name = "sd3"
     pipelines = frozenset({"StableDiffusion3Pipeline"})
     schedule: FlowSchedule
