@@ -1,9 +1,10 @@
 """``make bench``: the engine's numbers, in one run on one machine (docs/benchmarks.md).
 
 (a) bare loop: the runner at its max batch, no HTTP;
-(b) the service under 1, 4 and 16 concurrent clients, a mix of DDIM-25 + CFG and LCM-4 requests;
+(b) the service under 1, 4 and 16 concurrent clients, a mix of DDIM-25 + CFG requests on the teacher and LCM-4
+    requests on its distilled student, both models served by one process on one device;
 (c) diffusers' StableDiffusionPipeline on the same weights, one request at a time;
-(d) mixed arrival: LCM-4 requests arriving just behind a burst of DDIM-25 ones.
+(d) mixed arrival: LCM-4 requests on the student arriving just behind a burst of DDIM-25 ones on the teacher.
 Timings are medians/percentiles of wall time; nothing here asserts on them.
 """
 
@@ -105,13 +106,16 @@ class Load:
 
 
 class Service:
-    def __init__(self, models_dir: Path, model: str, device: str, dtype: str, max_rows: int, threads: int) -> None:
+    def __init__(
+        self, models_dir: Path, models: dict[str, str], device: str, dtype: str, max_rows: int, threads: int
+    ) -> None:
+        """``models``: the model each kind of request goes to (ddim → the teacher, lcm → its student)."""
         import socket
 
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
-        self.model = model
+        self.models = models
         env = {**os.environ, "IMAGEGEN_PORT": str(self.port), "IMAGEGEN_MODELS_DIR": str(models_dir),
                "IMAGEGEN_DEVICE": device, "IMAGEGEN_DTYPE": dtype, "IMAGEGEN_MAX_ROWS_PER_FORWARD": str(max_rows),
                "IMAGEGEN_MAX_QUEUED_IMAGES": "256", "IMAGEGEN_TORCH_THREADS": str(threads),
@@ -132,7 +136,7 @@ class Service:
         self.proc.wait(30)
 
     def generate(self, kind: str, seed: int) -> float:
-        body = {"model": self.model, "prompt": "a red mug on a white background", "seed": seed,
+        body = {"model": self.models[kind], "prompt": "a red mug on a white background", "seed": seed,
                 **(DDIM if kind == "ddim" else LCM)}  # fmt: skip
         started = time.perf_counter()
         r = httpx.post(f"{self.base}/v1/images/generations", json=body, timeout=600)
@@ -143,10 +147,11 @@ class Service:
         text = httpx.get(f"{self.base}/metrics").text
         total = count = 0.0
         for line in text.splitlines():
-            if line.startswith("imagegen_queue_wait_seconds_sum") and self.model in line:
-                total = float(line.split()[-1])
-            if line.startswith("imagegen_queue_wait_seconds_count") and self.model in line:
-                count = float(line.split()[-1])
+            served = any(f'model="{m}"' in line for m in self.models.values())
+            if line.startswith("imagegen_queue_wait_seconds_sum") and served:
+                total += float(line.split()[-1])
+            if line.startswith("imagegen_queue_wait_seconds_count") and served:
+                count += float(line.split()[-1])
         return total, count
 
 
@@ -199,6 +204,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(prog="python -m bench")
     parser.add_argument("--models-dir", type=Path, default=ROOT / "models")
     parser.add_argument("--model", default="catalog-128")
+    parser.add_argument("--student", default="catalog-128-lcm", help="the model LCM-4 requests go to")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
@@ -215,7 +221,8 @@ def main() -> None:
     print(f"(a) bare loop: {a_rows:.1f} UNet rows/s at {args.max_rows} rows per forward", flush=True)
     c_latency = diffusers_latency(model_dir, args.device, args.dtype, runs=5)
     print(f"(c) diffusers DDIM-25+CFG: {c_latency * 1000:.0f} ms/image", flush=True)
-    svc = Service(args.models_dir, args.model, args.device, args.dtype, args.max_rows, args.threads)
+    models = {"ddim": args.model, "lcm": args.student}
+    svc = Service(args.models_dir, models, args.device, args.dtype, args.max_rows, args.threads)
     try:
         b = {}
         for clients in (1, 4, 16):
@@ -236,7 +243,7 @@ def main() -> None:
         if torch.cuda.is_available() and args.device != "cpu"
         else platform.processor() or platform.machine()
     )
-    title = f"{time.strftime('%Y-%m-%d')} — {args.model} on {device}"
+    title = f"{time.strftime('%Y-%m-%d')} — {args.model} + {args.student} on {device}"
     lines = [
         f"### {title} ({args.threads} threads, torch {torch.__version__})",
         "",
