@@ -69,7 +69,11 @@ def make_signer(settings: Settings, on_sign: Callable[[float], None] | None = No
 
 
 def load_and_start(services: Services) -> None:
+    """Load the models, then run the engine's step loop in this same thread: torch work on more than one thread
+    starts more than one OpenMP team on a CPU, and the teams slow each other's forwards down (about 2× here)."""
     settings = services.settings
+    if settings.torch_threads:
+        torch.set_num_threads(settings.torch_threads)  # per thread with OpenMP: here, where the forwards run
     try:
         services.gate.signer, services.signer_notes = make_signer(settings, services.metrics.sign_seconds.observe)
         # Builds without PostgreSQL up: its schema is made on the first connection that works.
@@ -109,8 +113,8 @@ def load_and_start(services: Services) -> None:
         on_step=m.observe_step, on_job=m.observe_job, on_decode=m.observe_decode, on_non_finite=m.observe_non_finite
     )
     engine = Engine(models, config, services.cache, services.gate.finish, observer, services.gate.partial)
-    engine.start()
     services.engine = engine
+    engine.start(here=True)  # returns when the engine stops
 
 
 def snapshot(services: Services) -> Snapshot:
@@ -163,15 +167,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
-        if settings.torch_threads:
-            torch.set_num_threads(settings.torch_threads)
-        loader = threading.Thread(target=load_and_start, args=(services,), name="model-loader", daemon=True)
+        loader = threading.Thread(target=load_and_start, args=(services,), name="engine", daemon=True)
         loader.start()
         yield
         # Off the event loop, so the ops port keeps answering; a load still running is abandoned (daemon).
-        await asyncio.to_thread(loader.join, 5)
         if services.engine is not None:
             await asyncio.to_thread(services.engine.stop, 30)
+        await asyncio.to_thread(loader.join, 5)
 
     closed = services.keys is not None  # with keys, nothing but probes and metrics answers without one
     app = FastAPI(

@@ -345,6 +345,15 @@ class ModelEngine:
         cost = sum(r.cost for r in stepped)
         return StepBatch(tuple(stepped), cost, cost), StepResult(seconds)
 
+    def _decode_worker(self, fn: Callable[..., None], *args: object) -> None:
+        """VAE decodes run beside the step loop on a GPU (another thread, so the next step's kernels queue
+        meanwhile). On a CPU they run on the loop's own thread: they would share the same cores anyway, and torch
+        work on a second thread starts a second OpenMP team, which makes every forward of the loop slower."""
+        if self.model.device.type == "cuda":
+            self._release_pool.submit(fn, *args)
+        else:
+            fn(*args)
+
     def _previews(self, rows: Sequence[RowRef]) -> None:
         """Rows that passed a preview step: their x0 estimates are decoded and released off the step loop."""
         taken = self.runner.take_previews([r.id for r in rows])
@@ -360,7 +369,7 @@ class ModelEngine:
         with self._cv:
             for job, *_ in items:
                 job.previews_pending += 1
-        self._release_pool.submit(self._release_previews, items)
+        self._decode_worker(self._release_previews, items)
 
     def _release_previews(self, items: list[tuple[Job, int, int, Tensor]]) -> None:
         """One VAE batch for the previews of a step, then each through the gate. A failed preview is skipped:
@@ -410,8 +419,8 @@ class ModelEngine:
         return [self._active[j] for j in jobs_of(rows) if j in self._active]
 
     def _complete(self, finished: list[RowRef]) -> None:
-        """Hand every job whose last row just finished to the decode worker: its VAE decode (one batch for the
-        jobs of this step) and release run off the step loop, so the next step does not wait for them."""
+        """Hand every job whose last row just finished to the decode worker (one VAE batch for the jobs of this
+        step); their releases run on the release threads, off the step loop."""
         jobs = [job for job in self._jobs(finished) if all(r.done for r in job.rows)]
         if not jobs:
             return
@@ -422,7 +431,7 @@ class ModelEngine:
             with self._cv:
                 room = not self._releasing or self._releasing_bytes + nbytes <= self.config.max_release_backlog_bytes
             if batch and not room:
-                self._release_pool.submit(self._decode_jobs, batch, latents)
+                self._decode_worker(self._decode_jobs, batch, latents)
                 batch, latents = [], []
             self._wait_for_release_room(nbytes)
             latents += self.runner.take_finished([r.id for r in job.rows])
@@ -431,7 +440,7 @@ class ModelEngine:
                 self._releasing += 1
                 self._releasing_bytes += nbytes
             batch.append(job)
-        self._release_pool.submit(self._decode_jobs, batch, latents)
+        self._decode_worker(self._decode_jobs, batch, latents)
 
     def _decode_jobs(self, jobs: list[Job], latents: list[Tensor]) -> None:
         """On the decode worker: one VAE batch, then each job's release on the release threads."""
@@ -518,13 +527,19 @@ class DeviceLoop:
     def start(self) -> None:
         self._thread.start()
 
+    def run_here(self) -> None:
+        """Run the loop in the calling thread until it stops (the thread that loaded the models: one OpenMP team)."""
+        self._thread = threading.current_thread()
+        self._loop()
+
     def stop(self, timeout: float | None = None) -> None:
         """Finish what was accepted, then end the loop."""
         with self._cv:
             for e in self.engines:
                 e._stopping = True
             self._cv.notify_all()
-        self._thread.join(timeout)
+        if self._thread.ident is not None:  # started (run_here may not have begun yet)
+            self._thread.join(timeout)
         for e in self.engines:
             e._release_pool.shutdown(wait=True)
 
@@ -597,9 +612,12 @@ class Engine:
             self.workers.update((e.model.name, e) for e in engines)
             self.loops.append(DeviceLoop(engines, cv))
 
-    def start(self) -> None:
-        for loop in self.loops:
+    def start(self, here: bool = False) -> None:
+        """Start every device loop; ``here``: run the first in the calling thread, returning when it stops."""
+        for loop in self.loops[1:] if here else self.loops:
             loop.start()
+        if here and self.loops:
+            self.loops[0].run_here()
 
     def stop(self, timeout: float | None = None) -> None:
         for loop in self.loops:
