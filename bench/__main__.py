@@ -232,6 +232,8 @@ def main() -> None:
         ddim_solo = statistics.median(svc.generate("ddim", 950 + i) for i in range(3))
         d_lat = mixed_arrival(svc, ddim_count=8, lcm_count=8)
         print(f"(d) LCM-4 behind 8 DDIM-25: {d_lat}", flush=True)
+        d0_lat = mixed_arrival(svc, ddim_count=0, lcm_count=8)  # what the 8 cost together, with no burst ahead
+        print(f"(d0) 8 LCM-4 alone: {d0_lat}", flush=True)
     finally:
         svc.close()
 
@@ -269,6 +271,8 @@ def main() -> None:
         f"- (d) LCM-4 arriving behind 8 DDIM-25: p95 {pct(d_lat, 0.95):.2f} s vs solo {lcm_solo:.2f} s "
         f"= {pct(d_lat, 0.95) / lcm_solo:.1f}× (target ≤ 3×); one-at-a-time server: p95 "
         f"{pct(serial_d, 0.95):.2f} s = {pct(serial_d, 0.95) / lcm_solo:.1f}× (solo DDIM-25 {ddim_solo:.2f} s)",
+        f"- (d0) the same 8 LCM-4 with no DDIM-25 ahead: p95 {pct(d0_lat, 0.95):.2f} s "
+        f"= {pct(d0_lat, 0.95) / lcm_solo:.1f}× solo (what the burst adds in (d) is the difference)",
     ]
     if args.flops_per_row:
         mfu = [(name, rows * args.flops_per_row / (args.peak_tflops * 1e12)) for name, rows in

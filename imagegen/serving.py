@@ -102,6 +102,8 @@ def serve(settings: Settings) -> None:
             asgi, host=settings.host, port=port, lifespan=lifespan, log_config=None, access_log=False,
             limit_concurrency=settings.http_max_connections,  # past it: 503 at once, not an unbounded backlog
             timeout_keep_alive=settings.http_keepalive_seconds,
+            # behind a proxy: its X-Forwarded-Proto/For make result URLs and logs name what the client used
+            proxy_headers=True, forwarded_allow_ips=settings.forwarded_allow_ips,
         )  # fmt: skip
 
     main = DrainingServer(config(app, settings.port, "on"), services, settings.drain_seconds)
