@@ -25,6 +25,8 @@ from pathlib import Path
 import httpx
 import torch
 
+from bench.report import publish
+
 ROOT = Path(__file__).resolve().parents[1]
 DDIM = {"sampler": "ddim", "num_inference_steps": 25, "guidance_scale": 3.0}
 LCM = {"sampler": "lcm", "num_inference_steps": 4, "guidance_scale": 1.0}
@@ -39,8 +41,11 @@ def pct(values: list[float], q: float) -> float:
 
 
 # ---- (a) bare loop ---------------------------------------------------------------------------
-def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: float) -> float:
-    """UNet row evaluations per second with the runner's batch full of DDIM-25 + CFG rows."""
+def bare_loop(
+    model_dir: Path, device: str, dtype: str, max_rows: int, seconds: float, compile_mode: str = "off"
+) -> float:
+    """UNet row evaluations per second with the runner's batch full of DDIM-25 + CFG rows (``compile_mode``: the
+    denoiser under ``torch.compile``, as IMAGEGEN_COMPILE does; its compilation is the warm-up, not timed)."""
     from imagegen.engine.request import GenerationRequest, OutputSpec
     from imagegen.engine.runner import Runner, conditioning
     from imagegen.engine.scheduler import StepBatch
@@ -48,6 +53,8 @@ def bare_loop(model_dir: Path, device: str, dtype: str, max_rows: int, seconds: 
 
     placement = resolve_placement(device, dtype)
     model = load_model(model_dir, placement)
+    if compile_mode != "off":
+        model.family.compile(compile_mode)
     d = model.defaults
     req = GenerationRequest(
         model=model.name, prompt="a red mug on a white background", negative_prompt="", n=max_rows // 2,
@@ -213,12 +220,17 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="append the markdown table to this file")
     parser.add_argument("--flops-per-row", type=float, default=0.0, help="UNet FLOPs per row, for MFU")
     parser.add_argument("--peak-tflops", type=float, default=989.0, help="the device's dense peak, for MFU")
+    parser.add_argument("--compile", default="off", help="also measure (a) with the denoiser compiled in this mode")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     model_dir = args.models_dir / args.model
 
     a_rows = bare_loop(model_dir, args.device, args.dtype, args.max_rows, min(args.seconds, 20))
     print(f"(a) bare loop: {a_rows:.1f} UNet rows/s at {args.max_rows} rows per forward", flush=True)
+    a_compiled = None
+    if args.compile != "off":
+        a_compiled = bare_loop(model_dir, args.device, args.dtype, args.max_rows, min(args.seconds, 20), args.compile)
+        print(f"(a) compiled ({args.compile}): {a_compiled:.1f} UNet rows/s", flush=True)
     c_latency = diffusers_latency(model_dir, args.device, args.dtype, runs=5)
     print(f"(c) diffusers DDIM-25+CFG: {c_latency * 1000:.0f} ms/image", flush=True)
     models = {"ddim": args.model, "lcm": args.student}
@@ -274,6 +286,9 @@ def main() -> None:
         f"- (d0) the same 8 LCM-4 with no DDIM-25 ahead: p95 {pct(d0_lat, 0.95):.2f} s "
         f"= {pct(d0_lat, 0.95) / lcm_solo:.1f}× solo (what the burst adds in (d) is the difference)",
     ]
+    if a_compiled is not None:
+        lines.append(f"- (a) with the denoiser under torch.compile (mode {args.compile}): {a_compiled:.1f} UNet rows/s "
+                     f"= {a_compiled / a_rows:.2f}× eager")  # fmt: skip
     if args.flops_per_row:
         mfu = [(name, rows * args.flops_per_row / (args.peak_tflops * 1e12)) for name, rows in
                (("a", a_rows), ("b(16)", b[16]["rows_per_s"]), ("c", 50 / c_latency))]  # fmt: skip
@@ -283,10 +298,7 @@ def main() -> None:
         )
     lines.append("")
     report = "\n".join(lines)
-    print(report)
-    if args.out:
-        with args.out.open("a") as f:
-            f.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

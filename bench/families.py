@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from bench.report import publish
 from imagegen.engine.engine import EngineConfig, EngineObserver, ModelEngine, StepStats
 from imagegen.engine.request import GenerationRequest, OutputSpec
 from imagegen.engine.runner import Runner, conditioning
@@ -119,10 +120,7 @@ def main() -> None:
             lines.append(f"| {label} | {model.defaults.sampler} | {f.guidance} | {a:.0f} | {b:.0f} | {b / a:.2f} |")
             print(lines[-1], flush=True)
     report = "\n".join([*lines, ""])
-    print(report)
-    if args.out:
-        with args.out.open("a") as out:
-            out.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from types import ModuleType
 import numpy as np
 from PIL import Image
 
+from bench.report import publish
 from imagegen import __version__
 from imagegen.gate import watermark
 from imagegen.gate.c2pa_manifest import ManifestSigner, SigningIdentity
@@ -202,10 +203,7 @@ def main() -> None:
         bound = 1 / (1 + seconds * BARE_IMAGES_PER_S / CORES)
         lines.append(f"| {fmt.upper()} | {cpu:.2f} | {seconds:.2%} | {seconds * BARE_IMAGES_PER_S:.3f} | {bound:.3f} |")
     report = "\n".join([*lines, ""])
-    print(report)
-    if args.out:
-        with args.out.open("a") as out:
-            out.write(report + "\n")
+    publish(report, args.out)
 
 
 if __name__ == "__main__":
