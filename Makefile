@@ -42,6 +42,7 @@ bench: $(STAMP)
 	$(PY) -m bench --out docs/benchmarks.md
 	$(PY) -m bench.families --out docs/benchmarks.md
 	$(PY) -m bench.release --out docs/benchmarks.md
+	$(PY) -m bench.memory --out docs/benchmarks.md
 
 bench-families: $(STAMP)
 	$(PY) -m bench.families --out docs/benchmarks.md
