@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import socket
 import threading
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -31,6 +33,7 @@ from imagegen.api import (
 )
 from imagegen.api.deps import Services, StreamSlots
 from imagegen.api.errors import install_error_handlers
+from imagegen.api.job_sharing import share_jobs
 from imagegen.api.keys import KeyRing
 from imagegen.api.limits import LimitBodySize
 from imagegen.api.observe import ObserveRequests
@@ -46,6 +49,7 @@ from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
 from imagegen.state.results import ResultStore, signing_key
 from imagegen.state.reviews import ReviewStore
+from imagegen.state.shared_jobs import SharedJobs
 
 log = logging.getLogger(__name__)
 
@@ -161,6 +165,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.max_result_url_bytes,
         ),
     )
+    if settings.database_url and settings.database_url.startswith(("postgresql://", "postgres://")):
+        services.shared_jobs = SharedJobs(
+            settings.database_url,
+            f"{socket.gethostname()}-{os.getpid()}",
+            settings.database_connect_timeout_seconds,
+            settings.database_statement_timeout_seconds,
+        )
     if settings.api_keys_file is not None:
         services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly
     services.metrics.watch(lambda: snapshot(services))
@@ -169,7 +180,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
         loader = threading.Thread(target=load_and_start, args=(services,), name="engine", daemon=True)
         loader.start()
+        sharing = asyncio.create_task(share_jobs(services)) if services.shared_jobs is not None else None
         yield
+        if sharing is not None:
+            sharing.cancel()
         # Off the event loop, so the ops port keeps answering; a load still running is abandoned (daemon).
         if services.engine is not None:
             await asyncio.to_thread(services.engine.stop, 30)

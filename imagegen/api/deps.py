@@ -19,6 +19,7 @@ from imagegen.pipeline.loading import LoadedModel, LoadFailure
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
 from imagegen.state.results import ResultStore
+from imagegen.state.shared_jobs import SharedJobs
 
 
 class StreamSlots:
@@ -60,6 +61,7 @@ class Services:
     jobs: JobStore
     gate: Gate
     results: ResultStore
+    shared_jobs: SharedJobs | None = None  # with a shared database: async jobs every replica can answer
     keys: KeyRing | None = None
     quotas: Quotas = field(default_factory=Quotas)
     streams: StreamSlots = field(default_factory=StreamSlots)

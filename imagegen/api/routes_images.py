@@ -7,6 +7,7 @@ Location to poll (/v1/jobs/{id}), an SSE progress stream and DELETE to cancel.
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable
 from dataclasses import replace
 from typing import Annotated
@@ -17,6 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from imagegen.api.access import GenerateCaller, charge
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
+from imagegen.api.job_sharing import publish
 from imagegen.api.keys import Caller
 from imagegen.api.responses import images_response, job_body, links, usage
 from imagegen.api.schemas import ImageGenerationBody, ImagesResponse
@@ -30,8 +32,10 @@ from imagegen.engine.runner import needs_uncond_row
 from imagegen.gate.policy import Use
 from imagegen.logs import request_id
 from imagegen.pipeline.loading import LoadedModel
+from imagegen.state.database import StoreUnavailable
 
 router = APIRouter()
+log = logging.getLogger(__name__)
 RETRY_1 = {"Retry-After": "1"}
 
 
@@ -122,6 +126,11 @@ async def run(
         return HeldSlotStream(body, release_slot)
     if respond_async:
         services.jobs.add(job)
+        if services.shared_jobs is not None:  # every replica can answer it from now on
+            try:
+                await publish(services, job)
+            except StoreUnavailable:  # accepted all the same: the publishing task writes it once the store is back
+                log.warning("job %s not yet published: the shared database is unreachable", job.id)
         headers = {"Location": f"/v1/jobs/{job.id}", "Preference-Applied": "respond-async"}
         return JSONResponse(await job_body(job, engine, links(services, request)), status_code=202, headers=headers)
     return await images_response(req, await wait_for(job, engine, request), links(services, request))

@@ -1,4 +1,9 @@
-"""Async generation jobs: status with progress, an SSE progress stream, cancellation."""
+"""Async generation jobs: status with progress, an SSE progress stream, cancellation.
+
+A job this replica runs is read from its memory. With a shared database (``SharedJobs``) a job another replica
+runs is read from its published row: status, progress and result, its event stream polled from the row, and a
+cancel passed on through the row to the replica running it.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import asyncio
 import json
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, StreamingResponse
@@ -17,11 +23,16 @@ from imagegen.api.keys import Caller, Role
 from imagegen.api.responses import job_body, job_progress, links
 from imagegen.api.streaming import Kind, partial_event
 from imagegen.api.streams import HeldSlotStream
+from imagegen.api.waiting import database_unavailable
 from imagegen.engine.engine import Engine
 from imagegen.engine.request import Job
+from imagegen.state.database import StoreUnavailable
+from imagegen.state.shared_jobs import SharedJob
 
 router = APIRouter()
 EVENT_POLL_SECONDS = 0.1
+SHARED_POLL_SECONDS = 0.25  # a row in the shared database is read at most this often per stream
+PROGRESS_FIELDS = ("status", "step", "total_steps", "fraction", "queue_position")
 
 
 def engine_for_reading(services: Services) -> Engine:
@@ -31,15 +42,38 @@ def engine_for_reading(services: Services) -> Engine:
     return services.engine
 
 
+def not_found(job_id: str) -> APIError:
+    return APIError(404, "job_not_found", f"job {job_id!r} does not exist or has expired", "job_id")
+
+
 def find_job(services: Services, job_id: str, caller: Caller) -> Job:
     job = services.jobs.get(job_id)
     if job is None or (job.owner != caller.name and not caller.may(Role.admin)):
-        raise APIError(404, "job_not_found", f"job {job_id!r} does not exist or has expired", "job_id")
+        raise not_found(job_id)
     return job
+
+
+async def find_shared(services: Services, job_id: str, caller: Caller) -> SharedJob:
+    """A job another replica runs, from the shared database."""
+    if services.shared_jobs is None:
+        raise not_found(job_id)
+    try:
+        shared = await asyncio.to_thread(services.shared_jobs.get, job_id)
+    except StoreUnavailable as exc:
+        raise database_unavailable() from exc
+    if shared is None or (shared.owner != caller.name and not caller.may(Role.admin)):
+        raise not_found(job_id)
+    return shared
+
+
+def is_local(services: Services, job_id: str) -> bool:
+    return services.jobs.get(job_id) is not None
 
 
 @router.get("/v1/jobs/{job_id}")
 async def get_job(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> JSONResponse:
+    if not is_local(services, job_id):
+        return JSONResponse((await find_shared(services, job_id, caller)).body)
     job = find_job(services, job_id, caller)
     body = await job_body(job, engine_for_reading(services), links(services, request))
     job.delivered = job.delivered or job.done
@@ -49,6 +83,8 @@ async def get_job(job_id: str, services: ServicesDep, caller: GenerateCaller, re
 @router.delete("/v1/jobs/{job_id}")
 async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request) -> JSONResponse:
     """Cancel a job: its rows leave the batch at the next step boundary. Finished jobs are unchanged."""
+    if not is_local(services, job_id):
+        return JSONResponse(await cancel_shared(services, job_id, caller))
     engine = engine_for_reading(services)
     job = find_job(services, job_id, caller)
     if not job.done:
@@ -62,6 +98,40 @@ async def cancel_job(job_id: str, services: ServicesDep, caller: GenerateCaller,
     return JSONResponse(body)
 
 
+async def cancel_shared(services: Services, job_id: str, caller: Caller) -> dict[str, Any]:
+    """Ask the replica running the job to cancel it, and wait (10 s at most) for it to say it did."""
+    shared = await find_shared(services, job_id, caller)
+    assert services.shared_jobs is not None
+    if not shared.done:
+        await asyncio.to_thread(services.shared_jobs.request_cancel, job_id)
+        deadline = time.monotonic() + 10
+        while not shared.done and time.monotonic() < deadline:
+            await asyncio.sleep(EVENT_POLL_SECONDS)
+            shared = await find_shared(services, job_id, caller)
+    return shared.body
+
+
+async def shared_events(services: Services, job_id: str, caller: Caller, request: Request) -> AsyncIterator[str]:
+    """The event stream of a job another replica runs, polled from its row."""
+    last, quiet_since = None, time.monotonic()
+    keepalive = services.settings.stream_keepalive_seconds
+    while True:
+        shared = await find_shared(services, job_id, caller)
+        if shared.done:
+            break
+        progress = {k: shared.body.get(k) for k in PROGRESS_FIELDS}
+        if progress != last:
+            yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
+            last, quiet_since = progress, time.monotonic()
+        elif time.monotonic() - quiet_since >= keepalive:
+            yield ": keep-alive\n\n"
+            quiet_since = time.monotonic()
+        if await request.is_disconnected():
+            return
+        await asyncio.sleep(SHARED_POLL_SECONDS)
+    yield f"event: done\ndata: {json.dumps(shared.body)}\n\n"
+
+
 @router.get("/v1/jobs/{job_id}/events")
 async def job_events(
     job_id: str, services: ServicesDep, caller: GenerateCaller, request: Request, previews: bool = False
@@ -69,13 +139,23 @@ async def job_events(
     """Server-sent events: ``progress`` whenever the step count or queue position changes, then ``done``;
     a comment line keeps idle proxies from closing the stream. Streams are bounded per job and in total.
     With ``previews=true``, a job submitted with ``partial_images`` also sends each labelled preview as a
-    ``partial_image`` event (the streaming route's ``*.partial_image`` body)."""
-    engine = engine_for_reading(services)
-    job = find_job(services, job_id, caller)
-    release = services.streams.acquire(job.id)
+    ``partial_image`` event (the streaming route's ``*.partial_image`` body); a job another replica runs
+    streams its progress and result, polled from the shared database, without previews."""
+    local = is_local(services, job_id)
+    if not local:
+        await find_shared(services, job_id, caller)  # 404 before a stream slot is taken
+    release = services.streams.acquire(job_id)
     if release is None:
         raise APIError(429, "too_many_streams", "too many open event streams; poll the job instead",
                        headers={"Retry-After": "5"})  # fmt: skip
+    if not local:
+        return HeldSlotStream(shared_events(services, job_id, caller, request), release)
+    engine = engine_for_reading(services)
+    try:
+        job = find_job(services, job_id, caller)
+    except APIError:
+        release()
+        raise
     keepalive = services.settings.stream_keepalive_seconds
 
     kind: Kind = "image_edit" if job.request.input_images else "image_generation"

@@ -35,6 +35,10 @@ class JobStore:
             self._prune(self.max_jobs)
             return self._jobs.get(job_id)
 
+    def snapshot(self) -> list[Job]:
+        with self._lock:
+            return list(self._jobs.values())
+
     def __len__(self) -> int:
         with self._lock:
             return len(self._jobs)

@@ -1,0 +1,93 @@
+"""Two replicas on one real PostgreSQL: an async job accepted by replica A is polled, streamed, cancelled and
+fetched on replica B, and another API key sees it on neither."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from contextlib import ExitStack
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from tests.helpers import ServerProcess, server_process, write_key_file
+from tests.postgres import Cluster, postgres_cluster
+
+SHOP, OTHER = "replica-shop-key", "replica-other-key"
+
+
+def auth(key: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def replicas(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ServerProcess]]:
+    keys = write_key_file(
+        tmp_path_factory.mktemp("keys") / "keys.toml", {"shop": (SHOP, ["generate"]), "other": (OTHER, ["generate"])}
+    )
+    with postgres_cluster() as cluster, ExitStack() as stack:
+        yield [stack.enter_context(replica(cluster, tiny_models_dir, keys, tmp_path_factory, i)) for i in (0, 1)]
+
+
+def replica(cluster: Cluster, models: Path, keys: Path, tmp: pytest.TempPathFactory, i: int) -> Any:
+    env = {
+        "IMAGEGEN_MODELS_DIR": str(models),
+        "IMAGEGEN_DATABASE_URL": cluster.url,
+        "IMAGEGEN_API_KEYS_FILE": str(keys),
+        "IMAGEGEN_STATE_DIR": str(tmp.mktemp(f"state{i}")),
+        "IMAGEGEN_TORCH_THREADS": "1",
+        "IMAGEGEN_LOG_LEVEL": "warning",
+    }
+    return server_process(env, tmp.mktemp(f"log{i}") / "server.log")
+
+
+def submit(base: str, steps: int, seed: int) -> str:
+    body = {"model": "tiny-eps", "prompt": "a mug", "size": "32x32", "num_inference_steps": steps, "seed": seed}
+    r = httpx.post(f"{base}/v1/images/generations", json=body, headers={**auth(SHOP), "Prefer": "respond-async"})
+    assert r.status_code == 202, r.text
+    return str(r.json()["id"])
+
+
+def job(base: str, job_id: str, key: str = SHOP) -> httpx.Response:
+    return httpx.get(f"{base}/v1/jobs/{job_id}", headers=auth(key), timeout=10)
+
+
+def test_a_job_accepted_by_one_replica_is_polled_streamed_and_fetched_on_another(
+    replicas: list[ServerProcess],
+) -> None:
+    a, b = (r.base for r in replicas)
+    job_id = submit(a, steps=120, seed=5)
+    seen = job(b, job_id)
+    assert seen.status_code == 200 and seen.json()["status"] in ("queued", "running"), seen.text
+    assert job(b, job_id, OTHER).status_code == 404  # another key's job does not exist for it, here either
+    events = []
+    with httpx.stream("GET", f"{b}/v1/jobs/{job_id}/events", headers=auth(SHOP), timeout=120) as stream:
+        for line in stream.iter_lines():
+            if line.startswith("event: "):
+                events.append(line[7:])
+            if line.startswith("data: ") and events[-1] == "done":
+                done = json.loads(line[6:])
+                break
+    assert "progress" in events and events[-1] == "done"
+    steps = [e for e in events if e == "progress"]
+    assert len(steps) >= 2  # the progress moved while B watched A's job
+    on_b, on_a = job(b, job_id).json(), job(a, job_id).json()
+    assert done["status"] == on_b["status"] == "succeeded"
+    assert on_b["result"]["data"][0]["b64_json"] == on_a["result"]["data"][0]["b64_json"]  # the same bytes
+
+
+def test_a_cancel_on_another_replica_stops_the_job(replicas: list[ServerProcess]) -> None:
+    a, b = (r.base for r in replicas)
+    job_id = submit(a, steps=150, seed=6)
+    deadline = time.monotonic() + 30
+    while job(b, job_id).json()["step"] == 0:  # running on A, seen from B
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    cancelled = httpx.delete(f"{b}/v1/jobs/{job_id}", headers=auth(SHOP), timeout=30)
+    assert cancelled.status_code == 200 and cancelled.json()["status"] == "cancelled", cancelled.text
+    on_a = job(a, job_id).json()
+    assert on_a["status"] == "cancelled" and on_a["step"] < on_a["total_steps"]  # A stopped its compute
+    assert httpx.delete(f"{b}/v1/jobs/{job_id}", headers=auth(OTHER), timeout=10).status_code == 404
