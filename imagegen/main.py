@@ -171,6 +171,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             f"{socket.gethostname()}-{os.getpid()}",
             settings.database_connect_timeout_seconds,
             settings.database_statement_timeout_seconds,
+            settings.job_lease_seconds,
         )
     if settings.api_keys_file is not None:
         services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly

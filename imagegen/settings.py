@@ -58,6 +58,9 @@ class Settings(BaseSettings):
     max_streams_per_job: int = Field(4, ge=1, description="Open SSE event streams per job.")
     max_streams: int = Field(128, ge=1, description="Open SSE event streams per process.")
     stream_keepalive_seconds: float = Field(15.0, gt=0, description="SSE comment sent when nothing else was.")
+    job_lease_seconds: float = Field(
+        5.0, gt=0, description="With PostgreSQL: a replica silent this long loses its async jobs to another replica."
+    )
     forwarded_allow_ips: str = Field(
         "127.0.0.1", description="Proxies whose X-Forwarded-* headers are trusted (comma list, or * in a cluster)."
     )

@@ -1,8 +1,11 @@
-"""Publishing this replica's async jobs to the shared database, and taking in cancels asked of other replicas.
+"""Publishing this replica's async jobs to the shared database, taking in cancels asked of other replicas, and
+running the jobs of replicas that died.
 
 Runs as a task beside the app when replicas share a PostgreSQL database: every ``PUBLISH_SECONDS`` each local
-job whose status or progress changed is written (its result once, when it is done), and local jobs another
-replica was asked to cancel are cancelled here.
+job whose status or progress changed is written (its result once, when it is done), the leases on local jobs are
+renewed, local jobs another replica was asked to cancel are cancelled, and one job whose replica's lease expired
+is claimed and run here again (``imagegen/state/shared_jobs.py``). A local job whose lease another replica took
+(this replica could not renew it in time) is cancelled: it completes there, once.
 """
 
 from __future__ import annotations
@@ -10,10 +13,15 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from dataclasses import asdict, fields
+from typing import Any
 
 from imagegen.api.deps import Services
 from imagegen.api.responses import Links, job_body
-from imagegen.engine.request import Job
+from imagegen.engine.request import GenerationRequest, Job, OutputSpec
+from imagegen.engine.scheduler import QueueFull
+from imagegen.gate.gate import Screening
+from imagegen.gate.policy import Use
 from imagegen.state.database import StoreUnavailable
 
 log = logging.getLogger(__name__)
@@ -21,12 +29,59 @@ PUBLISH_SECONDS = 0.25
 SWEEP_SECONDS = 60.0
 
 
-async def publish(services: Services, job: Job) -> None:
-    """Write one job's body as GET /v1/jobs/{id} would answer it here (result URLs relative to the public base)."""
+IMAGES = ("init_image", "mask", "edit_source")  # an edit's inputs: not stored, so an edit is not re-run
+
+
+def request_record(req: GenerationRequest) -> dict[str, Any] | None:
+    """The request as the shared store keeps it, for another replica to run it again; None for an edit."""
+    if req.init_image is not None or req.edit_source is not None:
+        return None
+    return {f.name: getattr(req, f.name) for f in fields(req) if f.name not in IMAGES} | {
+        "output": asdict(req.output),
+        "screening": None if req.screening is None else asdict(req.screening),
+    }
+
+
+def request_from_record(record: dict[str, Any]) -> GenerationRequest:
+    screening = record.pop("screening")
+    if screening is not None:
+        screening = Screening(
+            screening["verdict"], tuple(screening["reasons"]), Use(**screening["use"]), screening["requester"]
+        )
+    return GenerationRequest(**{**record, "output": OutputSpec(**record.pop("output")), "screening": screening})
+
+
+async def publish(services: Services, job: Job) -> bool:
+    """Write one job's body as GET /v1/jobs/{id} would answer it here (result URLs relative to the public base);
+    False when another replica holds the job now."""
     assert services.shared_jobs is not None and services.engine is not None
     links = Links(services.results, (services.settings.public_base_url or "").rstrip("/"))
     body = await job_body(job, services.engine, links)
-    await asyncio.to_thread(services.shared_jobs.publish, job.id, job.owner, body)
+    record = request_record(job.request)
+    return await asyncio.to_thread(services.shared_jobs.publish, job.id, job.owner, body, record)
+
+
+async def take_over(services: Services) -> None:
+    """Run one job whose replica died, here, under its own id and owner."""
+    assert services.shared_jobs is not None and services.engine is not None
+    claimed = await asyncio.to_thread(services.shared_jobs.claim_orphan)
+    if claimed is None:
+        return
+    job_id, owner, record = claimed
+    if record is None:
+        lost = {"code": "replica_lost", "message": "the replica running this edit stopped; send it again"}
+        body = {"id": job_id, "object": "image.generation.job", "status": "failed", "error": lost}
+        await asyncio.to_thread(services.shared_jobs.publish, job_id, owner, body)
+        return
+    try:
+        job = services.engine.submit(request_from_record(record), job_id)
+    except QueueFull:
+        log.info("job %s of a lost replica waits: this replica's queue is full", job_id)
+        return  # its lease runs out again; a replica with room claims it
+    job.owner = owner
+    services.jobs.add(job)
+    log.warning("took over job %s from a replica that stopped renewing it", job_id)
+    await publish(services, job)
 
 
 async def share_jobs(services: Services) -> None:
@@ -43,8 +98,13 @@ async def share_jobs(services: Services) -> None:
             for job in jobs:
                 state = (job.state, job.steps_done)
                 if seen.get(job.id) != state:
-                    await publish(services, job)
+                    if not await publish(services, job) and not job.done:
+                        log.warning("job %s was taken over by another replica: stopping it here", job.id)
+                        services.engine.cancel(job)
                     seen[job.id] = state
+            await asyncio.to_thread(shared.renew)
+            if services.engine.ready and not services.draining:
+                await take_over(services)
             running = [j for j in jobs if not j.done]
             for job_id in await asyncio.to_thread(shared.cancel_requested, [j.id for j in running]):
                 asked = services.jobs.get(job_id)

@@ -163,12 +163,13 @@ class ModelEngine:
         if self._own_loop is not None:
             self._own_loop.stop(timeout)
 
-    def submit(self, request: GenerationRequest) -> Job:
-        """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound."""
+    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        """Queue a request; raises QueueFull (with a Retry-After estimate) past the queue bound. ``job_id``: a job
+        taken over from another replica keeps its id."""
         deadline = None
         if self.config.deadline_seconds is not None:
             deadline = time.monotonic() + self.config.deadline_seconds
-        job = Job(request=request, deadline=deadline)
+        job = Job(request=request, deadline=deadline) if job_id is None else Job(request, deadline, id=job_id)
         with self._cv:
             queued = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
             if queued and queued + request.n > self.config.scheduler.max_queued_images:
@@ -630,8 +631,8 @@ class Engine:
     def idle(self) -> bool:
         return all(w.idle() for w in self.workers.values())
 
-    def submit(self, request: GenerationRequest) -> Job:
-        return self.workers[request.model].submit(request)
+    def submit(self, request: GenerationRequest, job_id: str | None = None) -> Job:
+        return self.workers[request.model].submit(request, job_id)
 
     def cancel(self, job: Job) -> None:
         job.cancel()

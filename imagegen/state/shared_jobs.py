@@ -4,6 +4,12 @@ The replica that runs a job publishes its body (status, progress, and once it is
 replica answers ``GET /v1/jobs/{id}``, its event stream and ``DELETE`` from the row. A cancel asked of another
 replica sets ``cancel_requested``; the replica running the job reads it at its next publish and cancels the job at
 the step boundary after. Rows of finished jobs are swept after the job TTL.
+
+Each publish renews the running replica's lease on the job. A replica that dies (kill -9, an OOM kill, a lost
+node) stops renewing; once its lease has expired another replica claims the job (a conditional UPDATE: one
+claimant wins) and runs it again from its stored request. Image i of a request is drawn from seed + i alone, so
+the re-run makes the same pixels. Only the lease holder's publishes land, so a job completes once in the store.
+Edits are not re-run (their input images are not stored here): a lost edit fails with ``replica_lost``.
 """
 
 from __future__ import annotations
@@ -25,7 +31,10 @@ CREATE TABLE IF NOT EXISTS jobs (
     body TEXT NOT NULL,
     cancel_requested BOOLEAN NOT NULL DEFAULT FALSE,
     created DOUBLE PRECISION NOT NULL,
-    updated DOUBLE PRECISION NOT NULL
+    updated DOUBLE PRECISION NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
+    attempt INTEGER NOT NULL DEFAULT 1,
+    request TEXT
 );
 """
 FINAL = ("succeeded", "failed", "cancelled")
@@ -44,23 +53,67 @@ class SharedJob:
 
 
 class SharedJobs:
-    def __init__(self, url: str, replica: str, connect_timeout: float = 3.0, statement_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        url: str,
+        replica: str,
+        connect_timeout: float = 3.0,
+        statement_timeout: float = 10.0,
+        lease_seconds: float = 5.0,
+    ) -> None:
         self.replica = replica
+        self.lease_seconds = lease_seconds
         self._db = Database(url, SCHEMA, connect_timeout, statement_timeout, pool_size=2)
 
-    def publish(self, job_id: str, owner: str | None, body: dict[str, Any]) -> None:
-        """Insert or update a job this replica runs."""
+    def publish(
+        self, job_id: str, owner: str | None, body: dict[str, Any], request: dict[str, Any] | None = None
+    ) -> bool:
+        """Insert or update a job this replica runs, renewing its lease; False when another replica holds it now
+        (this replica's lease expired and the job was claimed: its publishes no longer land)."""
         now = time.time()
         text = json.dumps(body)
         _, changed = self._db.execute(
-            "UPDATE jobs SET status = ?, body = ?, updated = ? WHERE id = ? AND replica = ?",
-            (body["status"], text, now, job_id, self.replica),
+            "UPDATE jobs SET status = ?, body = ?, updated = ?, lease_until = ? WHERE id = ? AND replica = ?",
+            (body["status"], text, now, now + self.lease_seconds, job_id, self.replica),
         )
-        if not changed:
-            self._db.execute(
-                "INSERT INTO jobs (id, owner, replica, status, body, created, updated) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (job_id, owner, self.replica, body["status"], text, now, now),
-            )
+        if changed:
+            return True
+        _, inserted = self._db.execute(
+            "INSERT INTO jobs (id, owner, replica, status, body, created, updated, lease_until, request)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (id) DO NOTHING",
+            (job_id, owner, self.replica, body["status"], text, now, now, now + self.lease_seconds,
+             None if request is None else json.dumps(request)),
+        )  # fmt: skip
+        return bool(inserted)
+
+    def claim_orphan(self) -> tuple[str, str | None, dict[str, Any] | None] | None:
+        """One unfinished job whose replica's lease has expired, now this replica's: (id, owner, request)."""
+        now = time.time()
+        rows, _ = self._db.execute(
+            "SELECT id, replica, attempt FROM jobs WHERE status NOT IN (?, ?, ?) AND lease_until < ?"
+            " ORDER BY created LIMIT 1",
+            (*FINAL, now),
+        )
+        if not rows:
+            return None
+        row = rows[0]
+        _, won = self._db.execute(  # conditional: of replicas claiming at once, one wins
+            "UPDATE jobs SET replica = ?, lease_until = ?, attempt = attempt + 1, updated = ?"
+            " WHERE id = ? AND replica = ? AND attempt = ?",
+            (self.replica, now + self.lease_seconds, now, row["id"], row["replica"], row["attempt"]),
+        )
+        if not won:
+            return None
+        claimed, _ = self._db.execute("SELECT id, owner, request FROM jobs WHERE id = ?", (row["id"],))
+        request = claimed[0]["request"]
+        return claimed[0]["id"], claimed[0]["owner"], None if request is None else json.loads(request)
+
+    def renew(self) -> None:
+        """Extend this replica's lease on every unfinished job it holds (one statement)."""
+        self._db.execute(
+            "UPDATE jobs SET lease_until = ? WHERE replica = ? AND status NOT IN (?, ?, ?)",
+            (time.time() + self.lease_seconds, self.replica, *FINAL),
+        )
 
     def get(self, job_id: str) -> SharedJob | None:
         rows, _ = self._db.execute("SELECT id, owner, replica, body FROM jobs WHERE id = ?", (job_id,))

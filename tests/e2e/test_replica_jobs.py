@@ -1,5 +1,6 @@
 """Two replicas on one real PostgreSQL: an async job accepted by replica A is polled, streamed, cancelled and
-fetched on replica B, and another API key sees it on neither."""
+fetched on replica B, and another API key sees it on neither; when A is killed (-9) mid-job, B runs the job again
+and its result equals a solo run of the same request."""
 
 from __future__ import annotations
 
@@ -40,6 +41,7 @@ def replica(cluster: Cluster, models: Path, keys: Path, tmp: pytest.TempPathFact
         "IMAGEGEN_STATE_DIR": str(tmp.mktemp(f"state{i}")),
         "IMAGEGEN_TORCH_THREADS": "1",
         "IMAGEGEN_LOG_LEVEL": "warning",
+        "IMAGEGEN_JOB_LEASE_SECONDS": "2",
     }
     return server_process(env, tmp.mktemp(f"log{i}") / "server.log")
 
@@ -91,3 +93,30 @@ def test_a_cancel_on_another_replica_stops_the_job(replicas: list[ServerProcess]
     on_a = job(a, job_id).json()
     assert on_a["status"] == "cancelled" and on_a["step"] < on_a["total_steps"]  # A stopped its compute
     assert httpx.delete(f"{b}/v1/jobs/{job_id}", headers=auth(OTHER), timeout=10).status_code == 404
+
+
+def test_a_job_of_a_killed_replica_completes_on_another_with_the_same_pixels(replicas: list[ServerProcess]) -> None:
+    """Last in this module: it kills replica A."""
+    import signal
+
+    import numpy as np
+
+    from tests.helpers import decode_image
+
+    a, b = replicas
+    job_id = submit(a.base, steps=150, seed=8)
+    deadline = time.monotonic() + 30
+    while job(b.base, job_id).json()["step"] < 10:  # A is well into it
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    a.proc.send_signal(signal.SIGKILL)
+    a.proc.wait(10)
+    deadline = time.monotonic() + 120
+    while (seen := job(b.base, job_id).json())["status"] != "succeeded":
+        assert seen["status"] in ("queued", "running"), seen
+        assert time.monotonic() < deadline, seen
+        time.sleep(0.2)
+    solo_body = {"model": "tiny-eps", "prompt": "a mug", "size": "32x32", "num_inference_steps": 150, "seed": 8}
+    solo = httpx.post(f"{b.base}/v1/images/generations", json=solo_body, headers=auth(SHOP), timeout=120).json()
+    ours, theirs = (np.asarray(decode_image(x["data"][0]["b64_json"])) for x in (seen["result"], solo))
+    assert np.array_equal(ours, theirs)  # under 128 px nothing is watermarked: the same seed, the same pixels
