@@ -47,6 +47,7 @@ from imagegen.metrics import Metrics, ModelLoad, Snapshot
 from imagegen.pipeline.loading import load_all, resolve_placement
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
+from imagegen.state.quotas import SharedQuotas
 from imagegen.state.results import ResultStore, signing_key
 from imagegen.state.reviews import ReviewStore
 from imagegen.state.shared_jobs import SharedJobs
@@ -172,6 +173,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             settings.database_connect_timeout_seconds,
             settings.database_statement_timeout_seconds,
             settings.job_lease_seconds,
+        )
+        # Key quotas count across the replicas; per replica again while the database is unreachable.
+        services.quotas = SharedQuotas(
+            settings.database_url, f"{socket.gethostname()}-{os.getpid()}", settings.job_lease_seconds
         )
     if settings.api_keys_file is not None:
         services.keys = KeyRing.load(settings.api_keys_file)  # a bad key file stops the start, loudly

@@ -22,6 +22,7 @@ import uvicorn
 from fastapi import FastAPI
 
 from imagegen.api.deps import Services
+from imagegen.api.job_sharing import hand_back
 from imagegen.main import create_app, create_ops_app
 from imagegen.settings import Settings
 
@@ -66,10 +67,13 @@ class DrainingServer(uvicorn.Server):
     async def drain(self, why: str) -> None:
         deadline = time.monotonic() + self.drain_seconds
         log.info("%s: draining for up to %.0fs", why, self.drain_seconds, extra={"event": "drain_started"})
+        if handed := await hand_back(self.services, running_too=False):  # queued async jobs: another replica's now
+            log.warning("handed %d queued jobs back to the other replicas", handed)
         while unfinished_work(self.services) and time.monotonic() < deadline:
             await asyncio.sleep(POLL_SECONDS)
         if unfinished_work(self.services):
             log.warning("drain period over: cancelling the work left", extra={"event": "drain_done"})
+            await hand_back(self.services, running_too=True)  # shared jobs run again elsewhere instead
             if self.services.engine is not None:
                 self.services.engine.cancel_all()  # the engine stops at its next step instead of finishing
         else:

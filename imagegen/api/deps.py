@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from imagegen.api.keys import KeyRing
-from imagegen.api.quotas import Quotas
+from imagegen.api.quotas import QuotaCounter, Quotas
 from imagegen.engine.engine import Engine
 from imagegen.engine.jobs import JobStore
 from imagegen.gate.gate import Gate
@@ -63,7 +63,7 @@ class Services:
     results: ResultStore
     shared_jobs: SharedJobs | None = None  # with a shared database: async jobs every replica can answer
     keys: KeyRing | None = None
-    quotas: Quotas = field(default_factory=Quotas)
+    quotas: QuotaCounter = field(default_factory=Quotas)
     streams: StreamSlots = field(default_factory=StreamSlots)
     draining: bool = False
     engine: Engine | None = None

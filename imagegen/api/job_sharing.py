@@ -94,13 +94,16 @@ async def share_jobs(services: Services) -> None:
         if services.engine is None:
             continue
         try:
-            jobs = services.jobs.snapshot()
+            jobs = [j for j in services.jobs.snapshot() if j.id not in shared.handed_back]
             for job in jobs:
                 state = (job.state, job.steps_done)
                 if seen.get(job.id) != state:
-                    if not await publish(services, job) and not job.done:
+                    landed = await publish(services, job)
+                    if not landed and not job.done:
                         log.warning("job %s was taken over by another replica: stopping it here", job.id)
                         services.engine.cancel(job)
+                    if landed and job.done:
+                        job.delivered = True  # every replica can hand its result out now: a drain need not wait
                     seen[job.id] = state
             await asyncio.to_thread(shared.renew)
             if services.engine.ready and not services.draining:
@@ -119,3 +122,21 @@ async def share_jobs(services: Services) -> None:
             log.warning("could not publish jobs: %s", exc)
         except Exception:
             log.exception("publishing jobs failed")
+
+
+async def hand_back(services: Services, running_too: bool) -> int:
+    """Draining: give the leases of this replica's unfinished jobs back (only those not started yet, unless
+    ``running_too``) and stop them here; another replica claims and runs them. Returns how many."""
+    shared, engine = services.shared_jobs, services.engine
+    if shared is None or engine is None:
+        return 0
+    jobs = [j for j in services.jobs.snapshot() if not j.done and (running_too or j.first_step_at is None)]
+    for job in jobs:
+        try:
+            await asyncio.to_thread(shared.hand_back, job.id)
+        except StoreUnavailable:
+            continue  # its lease runs out on its own; the drain still stops it here
+        finally:
+            job.delivered = True  # its result is delivered by the replica that runs it: the drain does not wait
+            engine.cancel(job)
+    return len(jobs)

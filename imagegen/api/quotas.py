@@ -2,7 +2,8 @@
 latent pixels, so that one 150-step 1024² request does not count as one 4-step thumbnail), and a count of
 unfinished jobs.
 
-Counted per replica: with N replicas behind a load balancer a key gets up to N times its quota.
+Counted per replica: with N replicas behind a load balancer a key gets up to N times its quota. With PostgreSQL
+the replicas count together in :class:`imagegen.state.quotas.SharedQuotas` (this class is then its fallback).
 """
 
 from __future__ import annotations
@@ -23,6 +24,14 @@ class _Bucket:
 
 class Release(Protocol):
     def __call__(self, refund: bool = False) -> None: ...
+
+
+class QuotaCounter(Protocol):
+    """What the API charges a request to: :class:`Quotas` here, or the fleet-wide ``SharedQuotas``."""
+
+    def acquire(
+        self, key: str, requests_per_minute: float, max_concurrent: int, cost: float = 0.0, cost_per_minute: float = 0.0
+    ) -> Release: ...
 
 
 class QuotaExceeded(Exception):

@@ -63,6 +63,7 @@ class SharedJobs:
     ) -> None:
         self.replica = replica
         self.lease_seconds = lease_seconds
+        self.handed_back: set[str] = set()  # jobs this replica gave up while draining: never published again
         self._db = Database(url, SCHEMA, connect_timeout, statement_timeout, pool_size=2)
 
     def publish(
@@ -107,6 +108,11 @@ class SharedJobs:
         claimed, _ = self._db.execute("SELECT id, owner, request FROM jobs WHERE id = ?", (row["id"],))
         request = claimed[0]["request"]
         return claimed[0]["id"], claimed[0]["owner"], None if request is None else json.loads(request)
+
+    def hand_back(self, job_id: str) -> None:
+        """Give up this replica's lease on a job (draining): another replica claims it at once."""
+        self.handed_back.add(job_id)
+        self._db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ? AND replica = ?", (job_id, self.replica))
 
     def renew(self) -> None:
         """Extend this replica's lease on every unfinished job it holds (one statement)."""

@@ -33,8 +33,11 @@ def replicas(tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory) ->
         yield [stack.enter_context(replica(cluster, tiny_models_dir, keys, tmp_path_factory, i)) for i in (0, 1)]
 
 
-def replica(cluster: Cluster, models: Path, keys: Path, tmp: pytest.TempPathFactory, i: int) -> Any:
+def replica(
+    cluster: Cluster, models: Path, keys: Path, tmp: pytest.TempPathFactory, i: int, extra: dict[str, str] | None = None
+) -> Any:
     env = {
+        **(extra or {}),
         "IMAGEGEN_MODELS_DIR": str(models),
         "IMAGEGEN_DATABASE_URL": cluster.url,
         "IMAGEGEN_API_KEYS_FILE": str(keys),
@@ -120,3 +123,32 @@ def test_a_job_of_a_killed_replica_completes_on_another_with_the_same_pixels(rep
     solo = httpx.post(f"{b.base}/v1/images/generations", json=solo_body, headers=auth(SHOP), timeout=120).json()
     ours, theirs = (np.asarray(decode_image(x["data"][0]["b64_json"])) for x in (seen["result"], solo))
     assert np.array_equal(ours, theirs)  # under 128 px nothing is watermarked: the same seed, the same pixels
+
+
+def test_a_draining_replica_hands_its_queued_jobs_to_another(
+    tiny_models_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    """SIGTERM: A finishes the job it is running and gives back the ones it has not started; B runs those."""
+    import signal
+
+    keys = write_key_file(tmp_path_factory.mktemp("keys") / "keys.toml", {"shop": (SHOP, ["generate"])})
+    with postgres_cluster() as cluster, ExitStack() as stack:
+        one_at_a_time = {"IMAGEGEN_MAX_ROWS_PER_FORWARD": "2", "IMAGEGEN_SCHEDULING_POLICY": "fifo"}
+        a, b = (stack.enter_context(replica(cluster, tiny_models_dir, keys, tmp_path_factory, 10 + i, one_at_a_time))
+                for i in (0, 1))  # fmt: skip
+        ids = [submit(a.base, steps=60, seed=20 + i) for i in range(3)]
+        deadline = time.monotonic() + 30
+        while job(b.base, ids[0]).json()["step"] == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        a.proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + 120
+        while True:
+            jobs = [job(b.base, i).json() for i in ids]
+            if all(j["status"] == "succeeded" for j in jobs):
+                break
+            assert all(j["status"] in ("queued", "running", "succeeded") for j in jobs), jobs
+            assert time.monotonic() < deadline, jobs
+            time.sleep(0.2)
+        assert a.proc.wait(60) == 0  # it drained and exited on its own
+        assert "handed 2 queued jobs back" in a.log.read_text()
