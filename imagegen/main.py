@@ -194,6 +194,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if services.engine is not None:
             await asyncio.to_thread(services.engine.stop, 30)
         await asyncio.to_thread(loader.join, 5)
+        for store in (services.shared_jobs, services.quotas):
+            close = getattr(store, "close", None)
+            if close is not None:
+                await asyncio.to_thread(close)
 
     closed = services.keys is not None  # with keys, nothing but probes and metrics answers without one
     app = FastAPI(

@@ -68,6 +68,9 @@ async def take_over(services: Services) -> None:
     if claimed is None:
         return
     job_id, owner, record = claimed
+    local = services.jobs.get(job_id)
+    if local is not None and not local.done:
+        return  # still running here (its lease lapsed while the store was away): it carries on, leased again
     if record is None:
         lost = {"code": "replica_lost", "message": "the replica running this edit stopped; send it again"}
         body = {"id": job_id, "object": "image.generation.job", "status": "failed", "error": lost}
@@ -88,24 +91,32 @@ async def share_jobs(services: Services) -> None:
     shared = services.shared_jobs
     assert shared is not None
     seen: dict[str, tuple[str, int]] = {}  # job id → (status, step) last published
+    lost: set[Job] = set()  # local jobs another replica holds now: never published or renewed again
     swept = time.monotonic()
     while True:
         await asyncio.sleep(PUBLISH_SECONDS)
         if services.engine is None:
             continue
         try:
-            jobs = [j for j in services.jobs.snapshot() if j.id not in shared.handed_back]
+            jobs = [j for j in services.jobs.snapshot() if j.id not in shared.handed_back and j not in lost]
+            # renewed first: publishing many results may take a while, and a lease must not lapse meanwhile
+            await asyncio.to_thread(shared.renew, [j.id for j in jobs if not j.done])
             for job in jobs:
+                if job.error == StoreUnavailable.code:
+                    # its release could not be recorded, so nothing was released: not published as failed, its
+                    # lease runs out, and a replica (this one, maybe) runs it again once the store answers
+                    continue
                 state = (job.state, job.steps_done)
                 if seen.get(job.id) != state:
                     landed = await publish(services, job)
-                    if not landed and not job.done:
-                        log.warning("job %s was taken over by another replica: stopping it here", job.id)
-                        services.engine.cancel(job)
-                    if landed and job.done:
+                    if not landed:
+                        lost.add(job)
+                        if not job.done:
+                            log.warning("job %s was taken over by another replica: stopping it here", job.id)
+                            services.engine.cancel(job)
+                    elif job.done:
                         job.delivered = True  # every replica can hand its result out now: a drain need not wait
                     seen[job.id] = state
-            await asyncio.to_thread(shared.renew)
             if services.engine.ready and not services.draining:
                 await take_over(services)
             running = [j for j in jobs if not j.done]
@@ -113,8 +124,9 @@ async def share_jobs(services: Services) -> None:
                 asked = services.jobs.get(job_id)
                 if asked is not None:
                     services.engine.cancel(asked)
-            live = {j.id for j in jobs}
-            seen = {k: v for k, v in seen.items() if k in live}
+            live = services.jobs.snapshot()
+            seen = {k: v for k, v in seen.items() if k in {j.id for j in live}}
+            lost &= set(live)
             if time.monotonic() - swept > SWEEP_SECONDS:
                 await asyncio.to_thread(shared.sweep, services.settings.job_ttl_seconds)
                 swept = time.monotonic()

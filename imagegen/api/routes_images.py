@@ -108,7 +108,8 @@ async def run(
     req = await asyncio.to_thread(screen, services, use, resolved, caller)
     if respond_async and not services.jobs.has_room():
         raise APIError(429, "too_many_jobs", "too many unfinished jobs; retry later", headers={"Retry-After": "5"})
-    end_charge = charge(services, caller, compute_cost(services.models[req.model], req))
+    # off the event loop: with replicas sharing PostgreSQL a charge is a database transaction
+    end_charge = await asyncio.to_thread(charge, services, caller, compute_cost(services.models[req.model], req))
     try:
         job = submit(engine, req)
     except APIError:

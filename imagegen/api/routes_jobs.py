@@ -67,7 +67,12 @@ async def find_shared(services: Services, job_id: str, caller: Caller) -> Shared
 
 
 def is_local(services: Services, job_id: str) -> bool:
-    return services.jobs.get(job_id) is not None
+    """Whether this replica answers the job from its memory. A job whose release failed because the shared store
+    was away runs again (here or elsewhere): its row, not this memory, says how it ends."""
+    job = services.jobs.get(job_id)
+    if job is None:
+        return False
+    return services.shared_jobs is None or job.error != StoreUnavailable.code
 
 
 @router.get("/v1/jobs/{job_id}")

@@ -86,7 +86,8 @@ def _refusal(exc: UploadError) -> APIError:
 @router.post("/v1/verify")
 async def verify_image(request: Request, services: ServicesDep, caller: CallerDep) -> dict[str, Any]:
     settings = services.settings
-    release = charge(services, caller)  # before the upload is read: an over-quota caller costs nothing
+    # before the upload is read (an over-quota caller costs nothing), off the event loop (a database transaction)
+    release = await asyncio.to_thread(charge, services, caller)
     pool = verify_pool(request.app, settings.verify_workers)
     try:
         pool.reserve()

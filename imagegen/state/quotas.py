@@ -29,6 +29,11 @@ already report the outage (``/readyz``, ``imagegen_database_up``); a quota check
 a database blip into a full outage of generation. After a failure the store is not asked again for
 ``RETRY_SECONDS`` (no connect timeout on every request); a warning line at most every ``LOG_EVERY_SECONDS`` says
 how many charges fell back so far (``fallbacks``). Charges made in the fallback are released there.
+
+A charge is four short statements on the caller's thread (``access.charge`` runs on the event loop), hence this
+store's own short timeouts (connect 1 s, statement 2 s): an outage stalls at most one charge per
+``RETRY_SECONDS`` for about the connect timeout. A release runs on the thread that ends the job (the release
+worker's, which writes the audit line too); in an outage it waits at most as long once, then is queued.
 """
 
 from __future__ import annotations
@@ -205,6 +210,8 @@ class SharedQuotas:
                 raise ConnectionError("the quota database was unreachable a moment ago")
             self._end(charge_id, key, rate, compute, cost)
         except Exception as exc:
+            if not isinstance(exc, ConnectionError):
+                self._down_until = time.monotonic() + RETRY_SECONDS
             log.info("a quota release is queued for retry: %s", exc)
             self._unreleased.put((charge_id, key, rate, compute, cost))
 

@@ -114,11 +114,14 @@ class SharedJobs:
         self.handed_back.add(job_id)
         self._db.execute("UPDATE jobs SET lease_until = 0 WHERE id = ? AND replica = ?", (job_id, self.replica))
 
-    def renew(self) -> None:
-        """Extend this replica's lease on every unfinished job it holds (one statement)."""
+    def renew(self, job_ids: Sequence[str]) -> None:
+        """Extend this replica's lease on these jobs (the ones it is running)."""
+        if not job_ids:
+            return
+        marks = ", ".join("?" for _ in job_ids)
         self._db.execute(
-            "UPDATE jobs SET lease_until = ? WHERE replica = ? AND status NOT IN (?, ?, ?)",
-            (time.time() + self.lease_seconds, self.replica, *FINAL),
+            f"UPDATE jobs SET lease_until = ? WHERE replica = ? AND id IN ({marks})",
+            (time.time() + self.lease_seconds, self.replica, *job_ids),
         )
 
     def get(self, job_id: str) -> SharedJob | None:

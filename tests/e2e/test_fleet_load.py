@@ -117,3 +117,33 @@ def test_200_jobs_through_nginx_survive_a_killed_replica(fleet: tuple[list[Serve
     taken = sum(r.log.read_text().count("took over job") for r in replicas if r is not victim)
     assert taken > 0  # the killed replica held unfinished jobs: the others ran them
     print(f"{JOBS} jobs accepted, a replica killed mid-run, {taken} taken over, {states['succeeded']} completed once")
+
+
+def test_shared_jobs_carry_on_through_a_postgres_restart(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """PostgreSQL restarts while async jobs run: the replicas are not restarted, and every job completes."""
+    with postgres_cluster() as cluster, ExitStack() as stack:
+        env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_DATABASE_URL": cluster.url,
+               "IMAGEGEN_TORCH_THREADS": "1", "IMAGEGEN_LOG_LEVEL": "warning", "IMAGEGEN_JOB_LEASE_SECONDS": "2",
+               "IMAGEGEN_DATABASE_CONNECT_TIMEOUT_SECONDS": "1"}  # fmt: skip
+        a, b = (stack.enter_context(server_process({**env, "IMAGEGEN_STATE_DIR": str(tmp_path / n)},
+                                                   tmp_path / f"{n}.log")) for n in ("a", "b"))  # fmt: skip
+        with httpx.Client(timeout=60) as http:
+            body = {**BODY, "num_inference_steps": 100}
+            ids = [http.post(f"{a.base}/v1/images/generations", json={**body, "seed": s},
+                             headers={"Prefer": "respond-async"}).json()["id"] for s in range(6)]  # fmt: skip
+            cluster.stop("fast")
+            time.sleep(3)  # longer than a lease: the replicas cannot renew meanwhile
+            cluster.start()
+            deadline = time.monotonic() + 120
+            while True:
+                seen = [http.get(f"{b.base}/v1/jobs/{i}") for i in ids]
+                if all(r.status_code == 200 and r.json()["status"] == "succeeded" for r in seen):
+                    break
+                assert all(r.status_code in (200, 503) for r in seen), [r.text for r in seen]  # 503 while it restarts
+                ended = [
+                    r.json() for r in seen if r.status_code == 200 and r.json()["status"] in ("failed", "cancelled")
+                ]
+                assert not ended, [(e["status"], e.get("error")) for e in ended]
+                assert time.monotonic() < deadline, [r.text[:200] for r in seen]
+                time.sleep(0.5)
+        assert a.proc.poll() is None and b.proc.poll() is None  # neither replica restarted
