@@ -51,6 +51,7 @@ from imagegen.state.quotas import SharedQuotas
 from imagegen.state.results import ResultStore, signing_key
 from imagegen.state.reviews import ReviewStore
 from imagegen.state.shared_jobs import SharedJobs
+from imagegen.state.shared_results import SharedResultStore
 
 log = logging.getLogger(__name__)
 
@@ -148,6 +149,23 @@ def snapshot(services: Services) -> Snapshot:
     )
 
 
+def results_store(settings: Settings) -> ResultStore:
+    """Result URLs in the shared database when replicas share PostgreSQL (any replica serves any link), else in
+    the state folder."""
+    url = settings.database_url
+    if url and url.startswith(("postgresql://", "postgres://")):
+        return SharedResultStore(
+            url,
+            settings.result_url_ttl_seconds,
+            settings.max_result_url_bytes,
+            settings.database_connect_timeout_seconds,
+        )
+    folder = settings.state_dir
+    return ResultStore(
+        folder / "results", signing_key(folder), settings.result_url_ttl_seconds, settings.max_result_url_bytes
+    )
+
+
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or Settings()
     metrics = Metrics()
@@ -159,12 +177,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         jobs=JobStore(settings.max_jobs, settings.job_ttl_seconds, settings.max_job_result_bytes),
         streams=StreamSlots(settings.max_streams, settings.max_streams_per_job),
         gate=Gate(policy, on_decision=metrics.observe_gate_decision),
-        results=ResultStore(
-            settings.state_dir / "results",
-            signing_key(settings.state_dir),
-            settings.result_url_ttl_seconds,
-            settings.max_result_url_bytes,
-        ),
+        results=results_store(settings),
     )
     if settings.database_url and settings.database_url.startswith(("postgresql://", "postgres://")):
         services.shared_jobs = SharedJobs(
@@ -194,7 +207,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         if services.engine is not None:
             await asyncio.to_thread(services.engine.stop, 30)
         await asyncio.to_thread(loader.join, 5)
-        for store in (services.shared_jobs, services.quotas):
+        for store in (services.shared_jobs, services.quotas, services.results):
             close = getattr(store, "close", None)
             if close is not None:
                 await asyncio.to_thread(close)

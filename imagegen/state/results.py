@@ -59,15 +59,22 @@ class ResultStore:
         self._lock = threading.Lock()
         folder.mkdir(parents=True, exist_ok=True)
 
+    def _secret(self) -> bytes:
+        return self.key
+
     def _signature(self, name: str, expires: int) -> str:
-        return hmac.new(self.key, f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
+        return hmac.new(self._secret(), f"{name}:{expires}".encode(), hashlib.sha256).hexdigest()
 
     def put(self, data: bytes, media_type: str) -> str:
         """Store released bytes; returns the path and query of their URL (``/v1/files/…?expires=…&signature=…``)."""
         # Named by a keyed hash of the bytes: unguessable, and the same image polled twice is stored once.
-        digest = hmac.new(self.key, b"name:" + hashlib.sha256(data).digest(), hashlib.sha256).hexdigest()[:32]
+        digest = hmac.new(self._secret(), b"name:" + hashlib.sha256(data).digest(), hashlib.sha256).hexdigest()[:32]
         name = f"{digest}.{EXTENSIONS[media_type]}"
         expires = int(time.time() + self.ttl_seconds)
+        self._store(name, data, expires)
+        return f"/v1/files/{name}?expires={expires}&signature={self._signature(name, expires)}"
+
+    def _store(self, name: str, data: bytes, expires: int) -> None:
         with self._lock:
             path = self.folder / name
             if not path.is_file():
@@ -76,7 +83,12 @@ class ResultStore:
                 tmp.write_bytes(data)
                 tmp.rename(path)
             os.utime(path, (expires, expires))  # the latest expiry rides in the mtime: the sweep needs no index
-        return f"/v1/files/{name}?expires={expires}&signature={self._signature(name, expires)}"
+
+    def _load(self, name: str) -> bytes | None:
+        try:
+            return (self.folder / name).read_bytes()
+        except FileNotFoundError:
+            return None
 
     def get(self, name: str, expires: str, signature: str) -> StoredResult:
         """The bytes a signed URL names; ``url_expired`` (410) once its time has passed, else ``not_found``."""
@@ -87,10 +99,9 @@ class ResultStore:
             raise ResultError("not_found", "no such file")  # a forged or altered URL learns nothing
         if int(expires) <= time.time():
             raise ResultError("url_expired", "this URL has expired; generate again or ask for b64_json")
-        try:
-            data = (self.folder / name).read_bytes()
-        except FileNotFoundError as exc:
-            raise ResultError("url_expired", "this result is no longer kept") from exc
+        data = self._load(name)
+        if data is None:
+            raise ResultError("url_expired", "this result is no longer kept")
         return StoredResult(data, MEDIA_TYPES[match.group(2)], int(expires))
 
     def _sweep(self, incoming: int) -> None:

@@ -98,6 +98,19 @@ def test_a_cancel_on_another_replica_stops_the_job(replicas: list[ServerProcess]
     assert httpx.delete(f"{b}/v1/jobs/{job_id}", headers=auth(OTHER), timeout=10).status_code == 404
 
 
+def test_a_result_url_made_by_one_replica_is_served_by_another(replicas: list[ServerProcess]) -> None:
+    import hashlib
+
+    a, b = (r.base for r in replicas)
+    body = {"model": "tiny-eps", "prompt": "a mug", "size": "32x32", "num_inference_steps": 2, "response_format": "url"}
+    item = httpx.post(f"{a}/v1/images/generations", json=body, headers=auth(SHOP), timeout=60).json()["data"][0]
+    path = item["url"][item["url"].index("/v1/files/") :]
+    fetched = httpx.get(f"{b}{path}", timeout=10)  # no key: the signed link is the capability, on any replica
+    assert fetched.status_code == 200 and hashlib.sha256(fetched.content).hexdigest() == item["release"]["sha256"]
+    forged = path.rsplit("signature=", 1)[0] + "signature=" + "0" * 64
+    assert httpx.get(f"{b}{forged}", timeout=10).status_code == 404
+
+
 def test_a_job_of_a_killed_replica_completes_on_another_with_the_same_pixels(replicas: list[ServerProcess]) -> None:
     """Last in this module: it kills replica A."""
     import signal
