@@ -16,7 +16,7 @@ from fastapi import Cookie, Depends, Header, Request
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
 from imagegen.api.keys import Caller, Role
-from imagegen.api.quotas import QuotaExceeded, Release
+from imagegen.state.memory_quotas import QuotaExceeded, Release
 from imagegen.state.sessions import shared_store
 
 ANONYMOUS = Caller("anonymous", frozenset({Role.generate}))

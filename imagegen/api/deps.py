@@ -10,7 +10,6 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from imagegen.api.keys import KeyRing
-from imagegen.api.quotas import QuotaCounter, Quotas
 from imagegen.engine.engine import Engine
 from imagegen.engine.jobs import JobStore
 from imagegen.gate.gate import Gate
@@ -18,6 +17,7 @@ from imagegen.metrics import Metrics
 from imagegen.pipeline.loading import LoadedModel, LoadFailure
 from imagegen.pipeline.prompts import PromptCache
 from imagegen.settings import Settings
+from imagegen.state.memory_quotas import QuotaCounter, Quotas
 from imagegen.state.results import ResultStore
 from imagegen.state.shared_jobs import SharedJobs
 

@@ -1,6 +1,6 @@
 """Per-key quotas counted fleet-wide, in the database the replicas share (PostgreSQL; SQLite works for one host).
 
-The same contract and semantics as :class:`imagegen.api.quotas.Quotas` (bursts of 10 s worth of requests, a
+The same contract and semantics as :class:`imagegen.state.memory_quotas.Quotas` (bursts of 10 s worth of requests, a
 minute's compute spendable at once, a full compute bucket admits any one request, ``release(refund=True)`` gives
 the rate token and the compute back), but the state lives in two tables:
 
@@ -46,8 +46,8 @@ import time
 import uuid
 from collections.abc import Callable
 
-from imagegen.api.quotas import QuotaExceeded, Quotas, Release
 from imagegen.state.database import Database, Execute
+from imagegen.state.memory_quotas import QuotaExceeded, Quotas, Release
 
 log = logging.getLogger(__name__)
 

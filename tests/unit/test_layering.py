@@ -59,3 +59,10 @@ def test_nothing_above_the_pipeline_names_a_family() -> None:
                 if m.startswith("imagegen.pipeline.families.") and m != "imagegen.pipeline.families.base"
             }
             assert not named, f"{folder}/{module} imports {named}"
+
+
+def test_the_stores_import_nothing_above_them() -> None:
+    """state/ is below the API and the engine: they use the stores, never the other way round."""
+    for module, pairs in imported("state").items():
+        above = {m for m, _ in pairs if m.startswith(("imagegen.api", "imagegen.engine.engine"))}
+        assert not above, f"state/{module} imports {above}"

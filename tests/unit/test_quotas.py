@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from imagegen.api.quotas import QuotaExceeded, Quotas
+from imagegen.state.memory_quotas import QuotaExceeded, Quotas
 
 
 class Clock:

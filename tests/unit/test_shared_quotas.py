@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from imagegen.api.quotas import QuotaExceeded
+from imagegen.state.memory_quotas import QuotaExceeded
 from imagegen.state.quotas import SharedQuotas
 from tests.postgres import postgres_cluster, postgres_server
 
