@@ -146,6 +146,11 @@ class Metrics:
             "imagegen_quota_rejections_total", "Generation requests refused by a key's quota.", ["key", "reason"],
             registry=r,
         )  # fmt: skip
+        self.sync_lost = Counter(
+            "imagegen_sync_requests_lost_total",
+            "Synchronous requests whose replica died before answering (seen by a replica sharing the database).",
+            registry=r,
+        )
 
     def watch(self, read: Callable[[], Snapshot]) -> None:
         self.registry.register(_Live(read))

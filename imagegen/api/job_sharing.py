@@ -11,6 +11,7 @@ is claimed and run here again (``imagegen/state/shared_jobs.py``). A local job w
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from dataclasses import asdict, fields
@@ -127,6 +128,7 @@ async def share_jobs(services: Services) -> None:
             live = services.jobs.snapshot()
             seen = {k: v for k, v in seen.items() if k in {j.id for j in live}}
             lost &= set(live)
+            await track_sync(services)
             if time.monotonic() - swept > SWEEP_SECONDS:
                 await asyncio.to_thread(shared.sweep, services.settings.job_ttl_seconds)
                 swept = time.monotonic()
@@ -152,3 +154,28 @@ async def hand_back(services: Services, running_too: bool) -> int:
             job.delivered = True  # its result is delivered by the replica that runs it: the drain does not wait
             engine.cancel(job)
     return len(jobs)
+
+
+async def record_sync(services: Services, job: Job) -> None:
+    """A synchronous request in flight here, recorded so that a crash before its answer is visible elsewhere."""
+    shared = services.shared_jobs
+    if shared is None:
+        return
+    shared.sync_inflight[job.id] = job
+    with contextlib.suppress(StoreUnavailable):  # the store is away: the request is served, unrecorded
+        await asyncio.to_thread(shared.record_sync, job.id, job.request.model, job.request.n)
+
+
+async def track_sync(services: Services) -> None:
+    """Renew this replica's in-flight synchronous requests, forget the answered ones, and mark the requests of
+    replicas that died as lost."""
+    shared = services.shared_jobs
+    assert shared is not None
+    done = [i for i, j in shared.sync_inflight.items() if j.done]
+    await asyncio.to_thread(shared.finish_sync, done)
+    for request_id in done:
+        shared.sync_inflight.pop(request_id, None)
+    await asyncio.to_thread(shared.renew_sync, list(shared.sync_inflight))
+    if lost := await asyncio.to_thread(shared.mark_lost_sync):
+        log.warning("%d synchronous requests were lost with a replica that stopped", lost)
+        services.metrics.sync_lost.inc(lost)

@@ -18,7 +18,7 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from imagegen.api.access import GenerateCaller, charge
 from imagegen.api.deps import Services, ServicesDep
 from imagegen.api.errors import APIError
-from imagegen.api.job_sharing import publish
+from imagegen.api.job_sharing import publish, record_sync
 from imagegen.api.keys import Caller
 from imagegen.api.responses import images_response, job_body, links, usage
 from imagegen.api.schemas import ImageGenerationBody, ImagesResponse
@@ -125,6 +125,8 @@ async def run(
             raise APIError(429, "too_many_streams", "too many open event streams; retry shortly", headers=RETRY_1)
         body = image_events(stream, job, engine, request, lambda: usage(req).model_dump())
         return HeldSlotStream(body, release_slot)
+    if not respond_async:
+        await record_sync(services, job)
     if respond_async:
         services.jobs.add(job)
         if services.shared_jobs is not None:  # every replica can answer it from now on

@@ -10,6 +10,11 @@ node) stops renewing; once its lease has expired another replica claims the job 
 claimant wins) and runs it again from its stored request. Image i of a request is drawn from seed + i alone, so
 the re-run makes the same pixels. Only the lease holder's publishes land, so a job completes once in the store.
 Edits are not re-run (their input images are not stored here): a lost edit fails with ``replica_lost``.
+
+Synchronous requests run where they arrive (their client waits on that connection), but each in-flight one is a
+leased row too, deleted when it is answered: a row whose lease lapses is a request a dead replica never answered,
+and the first replica to see it marks it ``lost`` (and counts it), so a crash is visible beyond the dropped
+connections.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from imagegen.state.database import Database
+
+if TYPE_CHECKING:
+    from imagegen.engine.request import Job
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -35,6 +43,15 @@ CREATE TABLE IF NOT EXISTS jobs (
     lease_until DOUBLE PRECISION NOT NULL DEFAULT 0,
     attempt INTEGER NOT NULL DEFAULT 1,
     request TEXT
+);
+CREATE TABLE IF NOT EXISTS sync_requests (
+    id TEXT PRIMARY KEY,
+    replica TEXT NOT NULL,
+    model TEXT NOT NULL,
+    images INTEGER NOT NULL,
+    started DOUBLE PRECISION NOT NULL,
+    lease_until DOUBLE PRECISION NOT NULL,
+    status TEXT NOT NULL
 );
 """
 FINAL = ("succeeded", "failed", "cancelled")
@@ -64,6 +81,7 @@ class SharedJobs:
         self.replica = replica
         self.lease_seconds = lease_seconds
         self.handed_back: set[str] = set()  # jobs this replica gave up while draining: never published again
+        self.sync_inflight: dict[str, Job] = {}  # this replica's synchronous requests, recorded in sync_requests
         self._db = Database(url, SCHEMA, connect_timeout, statement_timeout, pool_size=2)
 
     def publish(
@@ -123,6 +141,34 @@ class SharedJobs:
             f"UPDATE jobs SET lease_until = ? WHERE replica = ? AND id IN ({marks})",
             (time.time() + self.lease_seconds, self.replica, *job_ids),
         )
+
+    def record_sync(self, request_id: str, model: str, images: int) -> None:
+        now = time.time()
+        self._db.execute(
+            "INSERT INTO sync_requests (id, replica, model, images, started, lease_until, status)"
+            " VALUES (?, ?, ?, ?, ?, ?, 'running') ON CONFLICT (id) DO NOTHING",
+            (request_id, self.replica, model, images, now, now + self.lease_seconds),
+        )
+
+    def finish_sync(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            marks = ", ".join("?" for _ in request_ids)
+            self._db.execute(f"DELETE FROM sync_requests WHERE id IN ({marks})", tuple(request_ids))
+
+    def renew_sync(self, request_ids: Sequence[str]) -> None:
+        if request_ids:
+            marks = ", ".join("?" for _ in request_ids)
+            self._db.execute(
+                f"UPDATE sync_requests SET lease_until = ? WHERE replica = ? AND id IN ({marks})",
+                (time.time() + self.lease_seconds, self.replica, *request_ids),
+            )
+
+    def mark_lost_sync(self) -> int:
+        """Synchronous requests of replicas that stopped renewing: marked lost, once; returns how many."""
+        _, lost = self._db.execute(
+            "UPDATE sync_requests SET status = 'lost' WHERE status = 'running' AND lease_until < ?", (time.time(),)
+        )
+        return lost
 
     def get(self, job_id: str) -> SharedJob | None:
         rows, _ = self._db.execute("SELECT id, owner, replica, body FROM jobs WHERE id = ?", (job_id,))

@@ -125,6 +125,13 @@ def test_a_job_of_a_killed_replica_completes_on_another_with_the_same_pixels(rep
     while job(b.base, job_id).json()["step"] < 10:  # A is well into it
         assert time.monotonic() < deadline
         time.sleep(0.05)
+    import threading
+
+    sync_body = {"model": "tiny-eps", "prompt": "a mug", "size": "32x32", "num_inference_steps": 150, "seed": 9}
+    waiting = threading.Thread(target=lambda: _quietly(lambda: httpx.post(
+        f"{a.base}/v1/images/generations", json=sync_body, headers=auth(SHOP), timeout=120)), daemon=True)  # fmt: skip
+    waiting.start()
+    time.sleep(0.5)  # the synchronous request is in flight on A, recorded
     a.proc.send_signal(signal.SIGKILL)
     a.proc.wait(10)
     deadline = time.monotonic() + 120
@@ -136,6 +143,17 @@ def test_a_job_of_a_killed_replica_completes_on_another_with_the_same_pixels(rep
     solo = httpx.post(f"{b.base}/v1/images/generations", json=solo_body, headers=auth(SHOP), timeout=120).json()
     ours, theirs = (np.asarray(decode_image(x["data"][0]["b64_json"])) for x in (seen["result"], solo))
     assert np.array_equal(ours, theirs)  # under 128 px nothing is watermarked: the same seed, the same pixels
+    deadline = time.monotonic() + 30  # the synchronous request A never answered is seen, and counted, as lost
+    while "imagegen_sync_requests_lost_total 1.0" not in httpx.get(f"{b.base}/metrics").text:
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+
+
+def _quietly(call: Any) -> None:
+    import contextlib
+
+    with contextlib.suppress(httpx.HTTPError):  # the replica was killed under it: the connection drops
+        call()
 
 
 def test_a_draining_replica_hands_its_queued_jobs_to_another(
