@@ -147,3 +147,13 @@ def test_shared_jobs_carry_on_through_a_postgres_restart(tiny_models_dir: Path, 
                 assert time.monotonic() < deadline, [r.text[:200] for r in seen]
                 time.sleep(0.5)
         assert a.proc.poll() is None and b.proc.poll() is None  # neither replica restarted
+        completed = sum(succeeded(r.base) for r in (a, b))
+        assert completed == len(ids)  # each job computed to completion once, on one replica, however its lease went
+
+
+def succeeded(base: str) -> float:
+    """The replica's jobs that ran to completion (its engine's own count)."""
+    for line in httpx.get(f"{base}/metrics", timeout=10).text.splitlines():
+        if line.startswith('imagegen_jobs_total{model="tiny-eps",outcome="succeeded"}'):
+            return float(line.split()[-1])
+    return 0.0
