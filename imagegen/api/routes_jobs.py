@@ -116,21 +116,38 @@ async def cancel_shared(services: Services, job_id: str, caller: Caller) -> dict
     return shared.body
 
 
+class ProgressTicker:
+    """A job stream's next line: a ``progress`` event when it changed, a keep-alive comment after a quiet spell
+    (so idle proxies keep the stream open), else nothing."""
+
+    def __init__(self, keepalive: float) -> None:
+        self.keepalive = keepalive
+        self.last: dict[str, Any] | None = None
+        self.quiet_since = time.monotonic()
+
+    def sent(self) -> None:
+        self.quiet_since = time.monotonic()
+
+    def next(self, progress: dict[str, Any]) -> str | None:
+        if progress != self.last:
+            self.last = progress
+            self.sent()
+            return f"event: progress\ndata: {json.dumps(progress)}\n\n"
+        if time.monotonic() - self.quiet_since >= self.keepalive:
+            self.sent()
+            return ": keep-alive\n\n"
+        return None
+
+
 async def shared_events(services: Services, job_id: str, caller: Caller, request: Request) -> AsyncIterator[str]:
     """The event stream of a job another replica runs, polled from its row."""
-    last, quiet_since = None, time.monotonic()
-    keepalive = services.settings.stream_keepalive_seconds
+    ticker = ProgressTicker(services.settings.stream_keepalive_seconds)
     while True:
         shared = await find_shared(services, job_id, caller)
         if shared.done:
             break
-        progress = {k: shared.body.get(k) for k in PROGRESS_FIELDS}
-        if progress != last:
-            yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
-            last, quiet_since = progress, time.monotonic()
-        elif time.monotonic() - quiet_since >= keepalive:
-            yield ": keep-alive\n\n"
-            quiet_since = time.monotonic()
+        if event := ticker.next({k: shared.body.get(k) for k in PROGRESS_FIELDS}):
+            yield event
         if await request.is_disconnected():
             return
         await asyncio.sleep(SHARED_POLL_SECONDS)
@@ -161,27 +178,23 @@ async def job_events(
     except APIError:
         release()
         raise
-    keepalive = services.settings.stream_keepalive_seconds
+    ticker = ProgressTicker(services.settings.stream_keepalive_seconds)
 
     kind: Kind = "image_edit" if job.request.input_images else "image_generation"
 
     async def stream() -> AsyncIterator[str]:
-        last, quiet_since, sent = None, time.monotonic(), 0
+        sent = 0
         while True:
             finished = job.done and job.previews_pending == 0  # read first: every preview goes before ``done``
             while previews and sent < len(job.partials):
                 event = partial_event(kind, job.request, job.partials[sent])
                 yield f"event: partial_image\ndata: {json.dumps(event)}\n\n"
-                sent, quiet_since = sent + 1, time.monotonic()
+                sent = sent + 1
+                ticker.sent()
             if finished:
                 break
-            progress = job_progress(job, engine)
-            if progress != last:
-                yield f"event: progress\ndata: {json.dumps(progress)}\n\n"
-                last, quiet_since = progress, time.monotonic()
-            elif time.monotonic() - quiet_since >= keepalive:
-                yield ": keep-alive\n\n"
-                quiet_since = time.monotonic()
+            if line := ticker.next(job_progress(job, engine)):
+                yield line
             if await request.is_disconnected():
                 return
             await asyncio.sleep(EVENT_POLL_SECONDS)

@@ -107,6 +107,15 @@ class A1111Body(BaseModel):
     def sampler(self) -> str | None:
         return None if self.sampler_name is None else a1111.our_sampler(self.sampler_name)
 
+    def request_fields(self) -> dict[str, Any]:
+        """The fields txt2img and img2img share, in our request's names."""
+        return {
+            "prompt": self.prompt, "model": self.model(), "n": self.batch_size * self.n_iter,
+            "size": f"{self.width}x{self.height}", "negative_prompt": self.negative_prompt or None,
+            "num_inference_steps": self.steps, "guidance_scale": self.cfg_scale,
+            "seed": None if self.seed == -1 else self.seed, "sampler": self.sampler(),
+        }  # fmt: skip
+
     def model(self) -> str | None:
         return checkpoint(self.override_settings.sd_model_checkpoint)
 
@@ -300,17 +309,7 @@ async def run_a1111(
 @router.post("/sdapi/v1/txt2img")
 async def txt2img(body: Txt2ImgBody, services: ServicesDep, caller: GenerateCaller, request: Request) -> dict[str, Any]:
     ready_engine(services)
-    generation = ImageGenerationBody(
-        prompt=body.prompt,
-        model=body.model(),
-        n=body.batch_size * body.n_iter,
-        size=f"{body.width}x{body.height}",
-        negative_prompt=body.negative_prompt or None,
-        num_inference_steps=body.steps,
-        guidance_scale=body.cfg_scale,
-        seed=None if body.seed == -1 else body.seed,
-        sampler=body.sampler(),
-    )
+    generation = ImageGenerationBody(**body.request_fields())
     with a1111_params():
         req = resolve(generation, services.models, services.settings, request_id())
     if services.models[req.model].family.needs_mask:
@@ -367,15 +366,7 @@ async def img2img(body: Img2ImgBody, services: ServicesDep, caller: GenerateCall
         if body.inpainting_fill == 0 and repaint.shape == image.rgb.shape[:2]:
             image = type(image)(image.data, image.format, fill_masked(image.rgb, repaint), image.alpha)
     fields = EditFields(
-        prompt=body.prompt,
-        model=body.model(),
-        n=body.batch_size * body.n_iter,
-        size=f"{body.width}x{body.height}",
-        negative_prompt=body.negative_prompt or None,
-        num_inference_steps=body.steps,
-        guidance_scale=body.cfg_scale,
-        seed=None if body.seed == -1 else body.seed,
-        sampler=body.sampler(),
+        **body.request_fields(),
         strength=body.denoising_strength,
         resize_mode=RESIZE_MODES[body.resize_mode],
     )
