@@ -174,7 +174,9 @@ class Runner:
         UNets read) from the same generator: the row makes that draw too, so that every later draw (ancestral
         noise) stays the pipeline's."""
         torch.randn(x0.shape, generator=g, dtype=torch.float32)  # the masked image's posterior draw, unused here
-        return Inpaint(known=x0, keep=1 - at_latent_size(repaint, x0.shape[-2:]), noise=noise)
+        keep = 1 - at_latent_size(repaint, x0.shape[-2:])
+        device = self.model.device  # beside the row's latent: the blend runs after every step, on the device
+        return Inpaint(known=x0.to(device), keep=keep.to(device), noise=noise.to(device))
 
     def drop(self, ids: Sequence[int]) -> None:
         for row_id in ids:
