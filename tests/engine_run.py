@@ -63,9 +63,9 @@ def run_engine(
         return step(batch)
 
     def watched_take_finished(ids: Sequence[int]) -> list[torch.Tensor]:
-        for i in ids:
-            latents[i] = eng.runner.rows[i].x.clone()
-        return take_finished(ids)
+        finished = take_finished(ids)
+        latents.update((i, x.clone()) for i, x in zip(ids, finished, strict=True))
+        return finished
 
     eng.runner.step = watched_step  # type: ignore[method-assign]
     eng.runner.take_finished = watched_take_finished  # type: ignore[method-assign]

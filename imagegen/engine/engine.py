@@ -32,7 +32,7 @@ from imagegen.engine.request import (
     RowRef,
 )
 from imagegen.engine.runner import Runner, conditioning
-from imagegen.engine.scheduler import QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
+from imagegen.engine.scheduler import ModelTurns, QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
 from imagegen.gate import ReleasedImage
 from imagegen.gate.release import HeldForReview
 from imagegen.pipeline.loading import LoadedModel
@@ -515,13 +515,12 @@ class ModelEngine:
 
 
 class DeviceLoop:
-    """One thread for every model on a device: one forward at a time, the most urgent batch next."""
+    """One thread for every model on a device: one forward at a time, the most urgent batch next (``ModelTurns``)."""
 
     def __init__(self, engines: list[ModelEngine], cv: threading.Condition) -> None:
         self.engines = engines
         self._cv = cv
-        self._ticks = 0
-        self._last_ran: dict[str, int] = {}  # model → tick of its last forward
+        self.turns = ModelTurns()
         name = "engine-" + "+".join(e.model.name for e in engines)
         self._thread = threading.Thread(target=self._loop, name=name[:60], daemon=True)
 
@@ -543,13 +542,6 @@ class DeviceLoop:
             self._thread.join(timeout)
         for e in self.engines:
             e._release_pool.shutdown(wait=True)
-
-    def urgency(self, engine: ModelEngine, batch: StepBatch) -> tuple[int, int]:
-        """Fewest remaining steps first, less the forwards the model has waited (nothing starves); then the
-        model that ran longest ago."""
-        remaining = min(r.steps - r.step for r in batch.rows)
-        last = self._last_ran.get(engine.model.name, -1)
-        return remaining - (self._ticks - last if last >= 0 else 0), last
 
     def _loop(self) -> None:
         engines = []
@@ -583,10 +575,10 @@ class DeviceLoop:
         candidates = [(e, b) for e in engines if (b := e.next_batch()) is not None]
         if not candidates:
             return True
-        engine, batch = min(candidates, key=lambda c: self.urgency(*c))
+        remaining = [(e.model.name, min(r.steps - r.step for r in b.rows)) for e, b in candidates]
+        engine, batch = candidates[self.turns.pick(remaining)]
         engine.execute(batch)
-        self._ticks += 1
-        self._last_ran[engine.model.name] = self._ticks
+        self.turns.ran(engine.model.name)
         return True
 
 

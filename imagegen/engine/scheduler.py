@@ -191,3 +191,43 @@ class Scheduler:
             if not self.running[group]:
                 del self.running[group]
         return finished
+
+
+@dataclass
+class ModelTurns:
+    """Which model on a device runs the next forward, given each candidate model's batch.
+
+    Fewest remaining steps first (a short request overtakes long ones), aged by the forwards the model has
+    waited; and per-model fairness on top: a model that has waited ``fair_wait`` forwards for each other model
+    with work runs next, so a stream of short requests on one model never holds another's for long (with two
+    models busy, each runs at least one forward in ``fair_wait + 1``: 9 by default).
+    """
+
+    fair_wait: int = 8
+    ticks: int = 0
+    since: dict[str, int] = field(default_factory=dict)  # model → tick it last ran, or began to wait for work
+    _waiting: set[str] = field(default_factory=set)  # the models that had work at the last pick
+
+    def waited(self, model: str) -> int:
+        return self.ticks - self.since[model]
+
+    def pick(self, candidates: list[tuple[str, int]]) -> int:
+        """The index of the candidate (model, fewest remaining steps in its batch) to run."""
+        for model, _ in candidates:
+            if model not in self._waiting:  # it has work again: it waits from now, not from its last forward
+                self.since[model] = self.ticks
+        self._waiting = {model for model, _ in candidates}
+        limit = self.fair_wait * (len(candidates) - 1)
+        overdue = [i for i, (model, _) in enumerate(candidates) if limit and self.waited(model) >= limit]
+        if overdue:
+            return max(overdue, key=lambda i: self.waited(candidates[i][0]))
+
+        def urgency(i: int) -> tuple[int, int]:
+            model, remaining = candidates[i]
+            return remaining - self.waited(model), self.since[model]
+
+        return min(range(len(candidates)), key=urgency)
+
+    def ran(self, model: str) -> None:
+        self.ticks += 1
+        self.since[model] = self.ticks

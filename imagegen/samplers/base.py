@@ -79,11 +79,11 @@ class Sampler(ABC):
         """A row's coefficients for a step it takes without a previous estimate (an edit row's first step)."""
         return c
 
-    def noised(self, plan: SamplerPlan, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        """x0 forward-noised to the start of ``step``, in the sampler's own space. VP samplers keep
-        (√ᾱ_t, √(1 − ᾱ_t)) as their first two coefficients: x = √ᾱ·x0 + √(1 − ᾱ)·ε."""
-        c = plan.coeffs[step]
-        return c[0] * x0 + c[1] * noise
+    def noised(self, c: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """x0 forward-noised to the start of a step, in the sampler's own space; ``c`` (B, K): each row's
+        coefficients at that step. VP samplers keep (√ᾱ_t, √(1 − ᾱ_t)) as their first two coefficients:
+        x = √ᾱ·x0 + √(1 − ᾱ)·ε."""
+        return column(c, 0) * x0 + column(c, 1) * noise
 
     @abstractmethod
     def _plan(self, steps: int, eta: float, mu: float | None) -> SamplerPlan: ...

@@ -37,8 +37,8 @@ def karras_plan(sampler: VPSampler, steps: int, coeffs_of: CoeffFn, draws_noise:
 class KarrasSampler(VPSampler):
     """Rows in σ-space: x = x0 + σ·ε (σ is the first coefficient)."""
 
-    def noised(self, plan: SamplerPlan, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-        return x0 + plan.coeffs[step, 0] * noise
+    def noised(self, c: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return x0 + column(c, 0) * noise
 
 
 class Euler(KarrasSampler):

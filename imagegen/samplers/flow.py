@@ -29,9 +29,9 @@ class FlowEuler(Sampler):
             init_noise_sigma=1.0,
         )
 
-    def noised(self, plan: SamplerPlan, step: int, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    def noised(self, c: torch.Tensor, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """On the straight path: x_σ = (1 − σ)·x0 + σ·ε (diffusers' ``scale_noise``)."""
-        sigma = plan.coeffs[step, 0]
+        sigma = column(c, 0)
         return (1 - sigma) * x0 + sigma * noise
 
     def step(

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 import pytest
 
 from imagegen.engine.request import RowRef
-from imagegen.engine.scheduler import Scheduler, SchedulerConfig, StepResult
+from imagegen.engine.scheduler import ModelTurns, Scheduler, SchedulerConfig, StepResult
 
 _ids = itertools.count(1)
 
@@ -175,3 +175,51 @@ def test_ageing_bounds_the_wait_of_a_long_row_under_a_stream_of_short_ones() -> 
             break
     assert long.rows[0].done
     assert longest_pause <= 10
+
+
+def run_device(turns: ModelTurns, long_steps: int, forwards: int) -> tuple[list[str], int | None]:
+    """Two models on one device: a long request on "teacher", and on "student" a stream of 4-step requests that
+    never runs dry (a new one arrives whenever one finishes). Returns which model ran each forward and the
+    forward at which the long request finished."""
+    long_left, short_left, ran, finished = long_steps, 4, [], None
+    for tick in range(forwards):
+        candidates = [("student", short_left)] + ([("teacher", long_left)] if long_left else [])
+        model = candidates[turns.pick(candidates)][0]
+        turns.ran(model)
+        ran.append(model)
+        if model == "teacher":
+            long_left -= 1
+            finished = tick if long_left == 0 else finished
+        else:
+            short_left = short_left - 1 or 4
+    return ran, finished
+
+
+def test_a_stream_of_short_requests_on_one_model_never_starves_another() -> None:
+    """Per-model fairness, counted in forwards: the long request runs at least one forward in every
+    ``fair_wait + 1``, however long it is, and finishes."""
+    turns = ModelTurns()
+    ran, finished = run_device(turns, long_steps=1000, forwards=20_000)
+    assert finished is not None
+    gaps = [len(list(g)) for model, g in itertools.groupby(ran[: finished + 1]) if model == "student"]
+    assert max(gaps) <= turns.fair_wait
+    assert ran[: finished + 1].count("teacher") == 1000
+
+
+def test_short_requests_still_go_first_within_the_fairness_bound() -> None:
+    """A 4-step request arriving while a long one runs takes its four steps back to back."""
+    turns = ModelTurns()
+    for _ in range(5):
+        turns.ran("teacher")
+    order = []
+    short_left, long_left = 4, 30
+    while short_left:
+        candidates = [("teacher", long_left), ("student", short_left)]
+        model = candidates[turns.pick(candidates)][0]
+        turns.ran(model)
+        order.append(model)
+        if model == "student":
+            short_left -= 1
+        else:
+            long_left -= 1
+    assert order == ["student"] * 4
