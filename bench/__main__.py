@@ -77,6 +77,23 @@ def bare_loop(
     return done * cost / (time.perf_counter() - started)
 
 
+def decode_seconds(model_dir: Path, device: str, dtype: str, batch: int = 8, runs: int = 5) -> float:
+    """Seconds per image of the VAE decode at ``batch`` images per decode (what every finished image costs on the
+    device besides its forwards; on a CPU it shares the cores with them)."""
+    from imagegen.pipeline.loading import load_model, resolve_placement
+
+    model = load_model(model_dir, resolve_placement(device, dtype))
+    d = model.defaults
+    latents = torch.randn(batch, *model.family.latent_shape(d.width, d.height), device=model.device)
+    model.family.decode(latents)  # warm-up
+    times = []
+    for _ in range(runs):
+        started = time.perf_counter()
+        model.family.decode(latents)
+        times.append((time.perf_counter() - started) / batch)
+    return statistics.median(times)
+
+
 # ---- (c) diffusers ---------------------------------------------------------------------------
 def diffusers_latency(model_dir: Path, device: str, dtype: str, runs: int) -> float:
     from diffusers import DDIMScheduler, StableDiffusionPipeline
@@ -114,8 +131,9 @@ class Load:
 
 class Service:
     def __init__(
-        self, models_dir: Path, models: dict[str, str], device: str, dtype: str, max_rows: int, threads: int
-    ) -> None:
+        self, models_dir: Path, models: dict[str, str], device: str, dtype: str, max_rows: int, threads: int,
+        max_queued: int = 256,
+    ) -> None:  # fmt: skip
         """``models``: the model each kind of request goes to (ddim → the teacher, lcm → its student)."""
         import socket
 
@@ -125,7 +143,7 @@ class Service:
         self.models = models
         env = {**os.environ, "IMAGEGEN_PORT": str(self.port), "IMAGEGEN_MODELS_DIR": str(models_dir),
                "IMAGEGEN_DEVICE": device, "IMAGEGEN_DTYPE": dtype, "IMAGEGEN_MAX_ROWS_PER_FORWARD": str(max_rows),
-               "IMAGEGEN_MAX_QUEUED_IMAGES": "256", "IMAGEGEN_TORCH_THREADS": str(threads),
+               "IMAGEGEN_MAX_QUEUED_IMAGES": str(max_queued), "IMAGEGEN_TORCH_THREADS": str(threads),
                "IMAGEGEN_LOG_LEVEL": "warning"}  # fmt: skip
         self.proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve"], cwd=ROOT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
@@ -142,31 +160,32 @@ class Service:
         self.proc.terminate()
         self.proc.wait(30)
 
-    def generate(self, kind: str, seed: int) -> float:
-        body = {"model": self.models[kind], "prompt": "a red mug on a white background", "seed": seed,
+    def body(self, kind: str, seed: int) -> dict[str, object]:
+        return {"model": self.models[kind], "prompt": "a red mug on a white background", "seed": seed,
                 **(DDIM if kind == "ddim" else LCM)}  # fmt: skip
+
+    def generate(self, kind: str, seed: int) -> float:
+        body = self.body(kind, seed)
         started = time.perf_counter()
         r = httpx.post(f"{self.base}/v1/images/generations", json=body, timeout=600)
         r.raise_for_status()
         return time.perf_counter() - started
 
-    def queue_wait(self) -> tuple[float, float]:
-        text = httpx.get(f"{self.base}/metrics").text
-        total = count = 0.0
-        for line in text.splitlines():
-            served = any(f'model="{m}"' in line for m in self.models.values())
-            if line.startswith("imagegen_queue_wait_seconds_sum") and served:
-                total += float(line.split()[-1])
-            if line.startswith("imagegen_queue_wait_seconds_count") and served:
-                count += float(line.split()[-1])
-        return total, count
+    def sums(self) -> dict[str, float]:
+        """Histogram sums and counts of the served models, by metric (``<name>_sum`` / ``<name>_count``)."""
+        out: dict[str, float] = {}
+        for line in httpx.get(f"{self.base}/metrics").text.splitlines():
+            name = line.split("{", 1)[0]
+            if name.endswith(("_sum", "_count")) and any(f'model="{m}"' in line for m in self.models.values()):
+                out[name] = out.get(name, 0.0) + float(line.split()[-1])
+        return out
 
 
 def closed_loop(svc: Service, clients: int, seconds: float) -> dict[str, float]:
     """``clients`` clients, each sending its next request when the last returns; kinds alternate."""
     load = Load()
     stop = time.perf_counter() + seconds
-    wait_before = svc.queue_wait()
+    before = svc.sums()
 
     def client(k: int) -> None:
         i = 0
@@ -182,8 +201,12 @@ def closed_loop(svc: Service, clients: int, seconds: float) -> dict[str, float]:
     with ThreadPoolExecutor(clients) as pool:
         list(pool.map(client, range(clients)))
     elapsed = time.perf_counter() - started
-    wait_after = svc.queue_wait()
-    waits = (wait_after[0] - wait_before[0]) / max(1.0, wait_after[1] - wait_before[1])
+    after = svc.sums()
+
+    def delta(name: str) -> float:
+        return after.get(name, 0.0) - before.get(name, 0.0)
+
+    waits = delta("imagegen_queue_wait_seconds_sum") / max(1.0, delta("imagegen_queue_wait_seconds_count"))
     rows = sum(len(v) * ROWS_PER_IMAGE[k] for k, v in load.latencies.items())
     return {
         "images_per_s": load.images / elapsed,
@@ -194,6 +217,10 @@ def closed_loop(svc: Service, clients: int, seconds: float) -> dict[str, float]:
         "lcm_p95": pct(load.latencies["lcm"], 0.95),
         "ttfs_mean": waits,
         "mix_ddim_share": len(load.latencies["ddim"]) / max(1, load.images),
+        # what the device loop's thread spent the time on: forwards, VAE decodes, anything else
+        "forward_share": delta("imagegen_step_duration_seconds_sum") / elapsed,
+        "decode_share": delta("imagegen_vae_decode_seconds_sum") / elapsed,
+        "rows_per_forward": delta("imagegen_rows_per_forward_sum") / max(1.0, delta("imagegen_rows_per_forward_count")),
     }
 
 
@@ -231,6 +258,9 @@ def main() -> None:
     if args.compile != "off":
         a_compiled = bare_loop(model_dir, args.device, args.dtype, args.max_rows, min(args.seconds, 20), args.compile)
         print(f"(a) compiled ({args.compile}): {a_compiled:.1f} UNet rows/s", flush=True)
+    decode = {kind: decode_seconds(args.models_dir / name, args.device, args.dtype)
+              for kind, name in (("ddim", args.model), ("lcm", args.student))}  # fmt: skip
+    print(f"VAE decode per image at 8 per batch: {decode}", flush=True)
     c_latency = diffusers_latency(model_dir, args.device, args.dtype, runs=5)
     print(f"(c) diffusers DDIM-25+CFG: {c_latency * 1000:.0f} ms/image", flush=True)
     models = {"ddim": args.model, "lcm": args.student}
@@ -264,14 +294,17 @@ def main() -> None:
         f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s "
         f"for the b(16) mix ({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",
         "",
-        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | time to 1st step (s) |",
-        "|---|---|---|---|---|---|",
+        "| clients | images/s | UNet rows/s | DDIM-25 p50 / p95 (s) | LCM-4 p50 / p95 (s) | time to 1st step (s) "
+        "| rows/forward | forwards / decodes / other (share of wall) |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for clients, r in b.items():
+        other = 1 - r["forward_share"] - r["decode_share"]
         lines.append(
             f"| {clients} | {r['images_per_s']:.2f} | {r['rows_per_s']:.0f} "
             f"| {r['ddim_p50']:.2f} / {r['ddim_p95']:.2f} | {r['lcm_p50']:.2f} / {r['lcm_p95']:.2f} "
-            f"| {r['ttfs_mean']:.3f} |"
+            f"| {r['ttfs_mean']:.3f} | {r['rows_per_forward']:.1f} "
+            f"| {r['forward_share']:.0%} / {r['decode_share']:.0%} / {other:.0%} |"
         )
     lines += [
         "",
@@ -296,6 +329,15 @@ def main() -> None:
             f"- model FLOP utilisation at {args.flops_per_row / 1e12:.3f} TFLOP per UNet row, "
             f"{args.peak_tflops:.0f} TFLOP/s peak: " + ", ".join(f"{n} {v:.1%}" for n, v in mfu)
         )
+    # On a CPU the decodes take the same cores as the forwards: the most (b) can reach is (a)'s rows at the mix
+    # plus each image's decode.
+    forward_s = mix * ROWS_PER_IMAGE["ddim"] / a_rows + (1 - mix) * ROWS_PER_IMAGE["lcm"] / a_rows
+    decode_s = mix * decode["ddim"] + (1 - mix) * decode["lcm"]
+    lines.append(
+        f"- VAE decode: {decode['ddim'] * 1000:.0f} ms/image (teacher), {decode['lcm'] * 1000:.0f} ms/image (student) "
+        f"at 8 per batch; with the forwards on the same cores, b(16)/a can reach at most "
+        f"{forward_s / (forward_s + decode_s):.2f} for this mix"
+    )
     lines.append("")
     report = "\n".join(lines)
     publish(report, args.out)
