@@ -77,12 +77,12 @@ def bare_loop(
     return done * cost / (time.perf_counter() - started)
 
 
-def decode_seconds(model_dir: Path, device: str, dtype: str, batch: int = 8, runs: int = 5) -> float:
+def decode_seconds(model_dir: Path, device: str, dtype: str, decode_dtype: str, batch: int = 8, runs: int = 5) -> float:
     """Seconds per image of the VAE decode at ``batch`` images per decode (what every finished image costs on the
     device besides its forwards; on a CPU it shares the cores with them)."""
     from imagegen.pipeline.loading import load_model, resolve_placement
 
-    model = load_model(model_dir, resolve_placement(device, dtype))
+    model = load_model(model_dir, resolve_placement(device, dtype, decode_dtype=decode_dtype))
     d = model.defaults
     latents = torch.randn(batch, *model.family.latent_shape(d.width, d.height), device=model.device)
     model.family.decode(latents)  # warm-up
@@ -241,6 +241,7 @@ def main() -> None:
     parser.add_argument("--student", default="catalog-128-lcm", help="the model LCM-4 requests go to")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--dtype", default="auto")
+    parser.add_argument("--decode-dtype", default=os.environ.get("IMAGEGEN_DECODE_DTYPE", "auto"))
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--max-rows", type=int, default=16)
     parser.add_argument("--seconds", type=float, default=30.0)
@@ -258,12 +259,13 @@ def main() -> None:
     if args.compile != "off":
         a_compiled = bare_loop(model_dir, args.device, args.dtype, args.max_rows, min(args.seconds, 20), args.compile)
         print(f"(a) compiled ({args.compile}): {a_compiled:.1f} UNet rows/s", flush=True)
-    decode = {kind: decode_seconds(args.models_dir / name, args.device, args.dtype)
+    decode = {kind: decode_seconds(args.models_dir / name, args.device, args.dtype, args.decode_dtype)
               for kind, name in (("ddim", args.model), ("lcm", args.student))}  # fmt: skip
     print(f"VAE decode per image at 8 per batch: {decode}", flush=True)
     c_latency = diffusers_latency(model_dir, args.device, args.dtype, runs=5)
     print(f"(c) diffusers DDIM-25+CFG: {c_latency * 1000:.0f} ms/image", flush=True)
     models = {"ddim": args.model, "lcm": args.student}
+    os.environ["IMAGEGEN_DECODE_DTYPE"] = args.decode_dtype  # the service's too
     svc = Service(args.models_dir, models, args.device, args.dtype, args.max_rows, args.threads)
     try:
         b = {}
@@ -289,7 +291,7 @@ def main() -> None:
     )
     title = f"{time.strftime('%Y-%m-%d')} — {args.model} + {args.student} on {device}"
     lines = [
-        f"### {title} ({args.threads} threads, torch {torch.__version__})",
+        f"### {title} ({args.threads} threads, torch {torch.__version__}, decode dtype {args.decode_dtype})",
         "",
         f"(a) bare loop at {args.max_rows} rows/forward: **{a_rows:.1f} UNet rows/s** = {a_images:.2f} images/s "
         f"for the b(16) mix ({mix:.0%} DDIM-25+CFG, 50 rows/image; LCM-4, 4 rows/image)",

@@ -89,7 +89,9 @@ def load_and_start(services: Services) -> None:
             statement_timeout=settings.database_statement_timeout_seconds,
             pool_size=settings.database_pool_size,
         )
-        placement = resolve_placement(settings.device, settings.dtype, settings.text_encoder_device)
+        placement = resolve_placement(
+            settings.device, settings.dtype, settings.text_encoder_device, settings.decode_dtype
+        )
         models, failures = load_all(settings.models_dir, placement)
     except Exception:
         log.exception("model loading failed")

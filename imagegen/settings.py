@@ -32,6 +32,11 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Network dtype: auto = bf16/fp16 on CUDA, fp32 on CPU."
     )
+    decode_dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="The VAE decoder's dtype: auto = the network dtype. bfloat16 on a CPU with native bf16 (AVX-512 "
+        "BF16, AMX) decodes ~2.6× faster, changing pixels by 0.24/255 on average.",
+    )
     torch_threads: int | None = Field(None, ge=1, description="torch intra-op threads (default: torch's choice).")
     max_prompt_chars: int = Field(2000, ge=1, description="Longest accepted prompt / negative prompt.")
     max_images: int = Field(10, ge=1, le=10, description="Largest n per request.")

@@ -87,15 +87,19 @@ def resolve_dtype(setting: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def resolve_placement(device: str = "auto", dtype: str = "auto", text_encoder_device: str = "same") -> Placement:
-    """Settings → where each part runs. Text encoders on another device keep that device's natural dtype."""
+def resolve_placement(
+    device: str = "auto", dtype: str = "auto", text_encoder_device: str = "same", decode_dtype: str = "auto"
+) -> Placement:
+    """Settings → where each part runs. Text encoders on another device keep that device's natural dtype; the VAE
+    decodes in the network dtype unless ``decode_dtype`` names another."""
     main = resolve_device(device)
     network_dtype = resolve_dtype(dtype, main)
+    decoding = None if decode_dtype == "auto" else resolve_dtype(decode_dtype, main)
     if text_encoder_device == "same":
-        return Placement(main, network_dtype, main, network_dtype)
+        return Placement(main, network_dtype, main, network_dtype, decoding)
     encoder = resolve_device(text_encoder_device)
     encoder_dtype = network_dtype if encoder.type == main.type else resolve_dtype("auto", encoder)
-    return Placement(main, network_dtype, encoder, encoder_dtype)
+    return Placement(main, network_dtype, encoder, encoder_dtype, decoding)
 
 
 def find_model_folders(models_dir: Path) -> list[Path]:
@@ -128,6 +132,7 @@ def load_model(folder: Path, placement: Placement) -> LoadedModel:
         started = time.perf_counter()
         index = read_json(folder / "model_index.json")
         family = family_for(str(index.get("_class_name"))).load(folder, index, placement)
+        family.decoder.prepare(placement.decode_dtype)
         scheduler_class = str(read_json(folder / "scheduler" / "scheduler_config.json").get("_class_name", ""))
         defaults = serving_defaults(folder, family, scheduler_class)
         return LoadedModel(folder.name, folder, family, defaults, load_seconds=time.perf_counter() - started)

@@ -35,3 +35,17 @@ def test_text_encoders_apart_from_the_denoiser_still_generate(tiny_models_dir: P
     )  # fmt: skip
     (outcome,) = run_engine(model, [req]).outcomes
     assert bool(torch.isfinite(outcome.latents).all()) and outcome.pixels.std() > 0
+
+
+def test_a_bfloat16_decoder_decodes_close_to_float32_and_leaves_encoding_alone(tiny_models_dir: Path) -> None:
+    """IMAGEGEN_DECODE_DTYPE: only the decoding half of the VAE changes dtype; its pixels stay within a few levels."""
+    fp32 = load_model(tiny_models_dir / "tiny-eps", resolve_placement("cpu", "float32"))
+    bf16 = load_model(tiny_models_dir / "tiny-eps", resolve_placement("cpu", "float32", decode_dtype="bfloat16"))
+    vae = bf16.family.decoder.vae
+    assert bf16.family.decoder.decode_dtype == torch.bfloat16 and fp32.family.decoder.decode_dtype == torch.float32
+    assert next(vae.encoder.parameters()).dtype == torch.float32
+    latents = torch.randn(4, 4, 2, 2, generator=torch.Generator().manual_seed(0))
+    (want, ok_want), (got, ok_got) = fp32.family.decode(latents), bf16.family.decode(latents)
+    diff = abs(got.astype(int) - want.astype(int))
+    assert ok_want.all() and ok_got.all() and got.dtype == want.dtype and got.shape == want.shape
+    assert diff.max() <= 8 and diff.mean() <= 2.0, (diff.max(), diff.mean())

@@ -54,6 +54,7 @@ class Placement:
     dtype: torch.dtype
     encoder_device: torch.device
     encoder_dtype: torch.dtype
+    decode_dtype: torch.dtype | None = None  # the VAE's decoding half, when not ``dtype``
 
 
 @dataclass(frozen=True, eq=False)
