@@ -107,6 +107,7 @@ def load_and_start(services: Services) -> None:
         scheduler=SchedulerConfig(
             max_rows_per_forward=settings.max_rows_per_forward,
             max_queued_images=settings.max_queued_images,
+            max_queue_seconds=settings.max_queue_seconds,
             buckets=settings.buckets(),
             policy=settings.scheduling_policy,
         ),

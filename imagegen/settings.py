@@ -91,6 +91,9 @@ class Settings(BaseSettings):
     cookie_secure: bool = Field(False, description="Mark the reviewer session cookie Secure (serving over TLS).")
     max_rows_per_forward: int = Field(16, ge=2, description="UNet rows per forward pass (uncond rows count).")
     max_queued_images: int = Field(64, ge=1, description="Images accepted but not yet running; more → 429.")
+    max_queue_seconds: float | None = Field(
+        30.0, gt=0, description="A request that would wait longer than this for the work ahead of it → 429."
+    )
     scheduling_policy: Literal["short_first", "fifo"] = Field(
         "short_first",
         description="short_first: fewest remaining steps first, aged; fifo: every admitted row each step.",

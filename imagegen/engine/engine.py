@@ -31,7 +31,7 @@ from imagegen.engine.request import (
     PartialImage,
     RowRef,
 )
-from imagegen.engine.runner import Runner, conditioning
+from imagegen.engine.runner import Runner, conditioning, needs_uncond_row
 from imagegen.engine.scheduler import ModelTurns, QueueFull, Scheduler, SchedulerConfig, StepBatch, StepResult
 from imagegen.gate import ReleasedImage
 from imagegen.gate.release import HeldForReview
@@ -172,12 +172,20 @@ class ModelEngine:
         job = Job(request=request, deadline=deadline) if job_id is None else Job(request, deadline, id=job_id)
         with self._cv:
             queued = self.scheduler.queued_images + sum(j.request.n for j in self._inbox)
-            if queued and queued + request.n > self.config.scheduler.max_queued_images:
-                raise QueueFull(self.scheduler.retry_after())
+            admitting = sum(self._row_steps(j.request) for j in self._inbox)  # not yet rows: estimated
+            busy = queued or self.scheduler.running_rows
+            if (queued and queued + request.n > self.config.scheduler.max_queued_images) or (
+                busy and self.scheduler.over_time_bound(admitting)
+            ):
+                raise QueueFull(self.scheduler.retry_after(admitting))
             self._inbox.append(job)
             self._active[job.id] = job
             self._cv.notify()
         return job
+
+    def _row_steps(self, request: GenerationRequest) -> int:
+        """The denoiser row-steps a request will take (at most: an edit starts part-way)."""
+        return request.n * request.steps * (2 if needs_uncond_row(self.model, request.guidance_scale) else 1)
 
     def cancel_all(self) -> None:
         with self._cv:

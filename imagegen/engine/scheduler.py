@@ -6,6 +6,9 @@ schedule → execute → update). It never touches a tensor or imports torch, so
 Policy:
 - A row costs 1 UNet row, or 2 when it runs CFG with an uncond row; a forward holds at most
   ``max_rows_per_forward``.
+- A request is refused (``QueueFull``) past ``max_queued_images`` waiting images, or when the work ahead of it
+  would take longer than ``max_queue_seconds`` at the measured step time: latency stays bounded under overload
+  whatever the mix of step counts.
 - Admission is FIFO per latent shape: a row that does not fit blocks later rows of its shape (no
   starvation of a large request by small ones), rows of other shapes may still be admitted.
 - Rows of different latent shapes never share a forward; shapes take turns (least recently run first).
@@ -38,6 +41,7 @@ class QueueFull(Exception):
 class SchedulerConfig:
     max_rows_per_forward: int = 16
     max_queued_images: int = 64  # images accepted but not yet running
+    max_queue_seconds: float | None = None  # estimated wait for a new request past which it is refused
     buckets: tuple[int, ...] = ()  # e.g. (1, 2, 4, 8, 16); empty: no padding
     policy: Literal["short_first", "fifo"] = "short_first"
 
@@ -110,13 +114,22 @@ class Scheduler:
             ahead.add(row.job)
         return 0
 
-    def retry_after(self) -> float:
-        """Seconds until the queue has drained by one forward's worth, from the measured step time."""
-        per_step = self.step_seconds or 1.0
-        pending = sum((r.steps - r.step) * r.cost for r in self.waiting)
+    def backlog_seconds(self, extra_row_steps: int = 0) -> float:
+        """Estimated seconds to run every queued and running row-step, plus ``extra_row_steps`` (jobs accepted but
+        not yet admitted), at full forwards and the measured step time (1 s a step before any was measured)."""
+        pending = extra_row_steps + sum((r.steps - r.step) * r.cost for r in self.waiting)
         pending += sum((r.steps - r.step) * r.cost for rows in self.running.values() for r in rows)
-        forwards = pending / self.config.max_rows_per_forward
-        return max(1.0, math.ceil(forwards * per_step))
+        return pending / self.config.max_rows_per_forward * (self.step_seconds or 1.0)
+
+    def retry_after(self, extra_row_steps: int = 0) -> float:
+        """Seconds until the queue has drained by one forward's worth, from the measured step time."""
+        return max(1.0, math.ceil(self.backlog_seconds(extra_row_steps)))
+
+    def over_time_bound(self, extra_row_steps: int) -> bool:
+        """Whether a new request would wait longer than ``max_queue_seconds`` (never before a step was measured:
+        the estimate would be a guess)."""
+        bound = self.config.max_queue_seconds
+        return bound is not None and self.step_seconds is not None and self.backlog_seconds(extra_row_steps) > bound
 
     # ---- schedule / update ---------------------------------------------------------------
     def _admit(self) -> None:

@@ -62,6 +62,22 @@ def test_past_the_queue_bound_is_429_with_retry_after(narrow: TestClient) -> Non
     assert narrow.post("/v1/images/generations", json=body(num_inference_steps=2)).status_code == 200
 
 
+def test_past_the_queue_time_bound_is_429_whatever_the_image_count(tiny_models_dir: Path) -> None:
+    """IMAGEGEN_MAX_QUEUE_SECONDS: room for 64 images, but one long job ahead is more work than the bound."""
+    settings = {"max_rows_per_forward": 2, "max_queued_images": 64, "max_queue_seconds": 0.05}
+    with app_client(tiny_models_dir, **settings) as client:
+        wait_ready(client)
+        assert client.post("/v1/images/generations", json=body(num_inference_steps=2)).status_code == 200  # idle
+        long = client.post("/v1/images/generations", json=body(num_inference_steps=150, size="64x64"), headers=ASYNC)
+        assert long.status_code == 202
+        wait_for_state(client, long.json()["id"], {"running"})
+        refused = client.post("/v1/images/generations", json=body(num_inference_steps=2))
+        assert refused.status_code == 429 and refused.json()["error"]["code"] == "queue_full"
+        assert int(refused.headers["retry-after"]) >= 1
+        assert client.delete(f"/v1/jobs/{long.json()['id']}").json()["status"] == "cancelled"
+        assert client.post("/v1/images/generations", json=body(num_inference_steps=2)).status_code == 200
+
+
 def test_async_job_lifecycle_with_progress_and_sse(narrow: TestClient) -> None:
     r = narrow.post("/v1/images/generations", json=body(num_inference_steps=40, seed=11, n=2), headers=ASYNC)
     assert r.status_code == 202 and r.headers["preference-applied"] == "respond-async"

@@ -223,3 +223,16 @@ def test_short_requests_still_go_first_within_the_fairness_bound() -> None:
         else:
             long_left -= 1
     assert order == ["student"] * 4
+
+
+def test_the_time_bound_uses_the_measured_step_time_and_counts_rows_not_yet_admitted() -> None:
+    s = Scheduler(SchedulerConfig(max_rows_per_forward=4, max_queue_seconds=2.0))
+    s.enqueue(make_job(n=2, steps=10, cfg=True).rows)  # 40 row-steps
+    assert not s.over_time_bound(0)  # no step measured yet: no guess
+    batch = s.schedule()
+    assert batch is not None
+    s.update(batch, StepResult(seconds=0.2))  # 36 row-steps left: 9 forwards of 0.2 s
+    assert s.backlog_seconds() == pytest.approx(1.8)
+    assert not s.over_time_bound(0)
+    assert s.over_time_bound(8)  # a job accepted but not yet admitted adds its row-steps
+    assert s.retry_after(8) == 3
