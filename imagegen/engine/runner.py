@@ -131,7 +131,9 @@ class Runner:
             noise = step_noise(plan, start, shape, g)
             w, phi = req.guidance_scale, req.guidance_rescale
             inits.append(RowInit(x, sampler, plan, start, row_cond, row_uncond, w, phi, noise, inpaint))
-        group = self.groups.get(shape[1:]) or self.groups.setdefault(shape[1:], SlotGroup(shape[1:], self.model.device))
+        group = self.groups.get(shape[1:])
+        if group is None:
+            group = self.groups[shape[1:]] = SlotGroup(shape[1:], self.model.device)
         refs, added = [], []
         try:
             for init in inits:
