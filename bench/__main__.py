@@ -171,6 +171,9 @@ class Service:
         body = self.body(kind, seed)
         started = time.perf_counter()
         r = httpx.post(f"{self.base}/v1/images/generations", json=body, timeout=600)
+        while r.status_code == 429:  # as a client would: back off (at most a second here), then again
+            time.sleep(min(1.0, float(r.headers.get("retry-after", 1))))
+            r = httpx.post(f"{self.base}/v1/images/generations", json=body, timeout=600)
         r.raise_for_status()
         return time.perf_counter() - started
 

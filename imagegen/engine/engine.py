@@ -149,6 +149,7 @@ class ModelEngine:
         self._stopping = False
         self._releasing = 0  # jobs handed to the release pool and not yet resolved
         self._releasing_bytes = 0  # their decoded pixels
+        self._stepped_at: float | None = None  # when the last step ended, if rows were left running then
         self._own_loop: DeviceLoop | None = None
         self._release_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix=f"release-{model.name}")
 
@@ -266,6 +267,8 @@ class ModelEngine:
             return
         batch, result = ran
         stepped = time.monotonic()
+        if self._stepped_at is not None:
+            result = replace(result, cycle=stepped - self._stepped_at)
         for job in self._jobs(batch.rows):
             if job.first_step_done_at is None:
                 job.first_step_done_at = stepped
@@ -273,6 +276,7 @@ class ModelEngine:
         with self._cv:
             finished = self.scheduler.update(batch, result)
             queued, running = self.scheduler.queued_images, self.scheduler.running_rows
+        self._stepped_at = stepped if running or queued else None  # a cycle counts only while rows wait
         uncond = sum(r.cost - 1 for r in batch.rows)
         self.observer.on_step(
             StepStats(

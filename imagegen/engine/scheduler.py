@@ -66,7 +66,10 @@ class StepBatch:
 
 @dataclass(frozen=True)
 class StepResult:
-    seconds: float
+    seconds: float  # the step's own work (the forward and the sampler updates)
+    # from the end of the model's previous step, when it had rows left then, to the end of this one: what a step
+    # of this model takes on a shared device (other models' forwards and the decodes in between included)
+    cycle: float | None = None
 
 
 @dataclass
@@ -74,7 +77,7 @@ class Scheduler:
     config: SchedulerConfig = field(default_factory=SchedulerConfig)
     waiting: deque[RowRef] = field(default_factory=deque)
     running: dict[tuple[int, ...], list[RowRef]] = field(default_factory=dict)
-    step_seconds: float | None = None  # EMA of measured step time, for Retry-After
+    step_seconds: float | None = None  # EMA of measured step time (its cycle when known), for the wait estimates
     _turn: dict[tuple[int, ...], int] = field(default_factory=dict)
     _last_ran: dict[int, int] = field(default_factory=dict)  # row id → step count when it last ran
     _steps: int = 0
@@ -184,9 +187,8 @@ class Scheduler:
     def update(self, batch: StepBatch, result: StepResult) -> list[RowRef]:
         """Advance the rows that ran; retire and return the rows that finished."""
         self._steps += 1
-        self.step_seconds = (
-            result.seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * result.seconds
-        )
+        seconds = result.seconds if result.cycle is None else result.cycle
+        self.step_seconds = seconds if self.step_seconds is None else 0.8 * self.step_seconds + 0.2 * seconds
         finished = []
         for row in batch.rows:
             row.step += 1

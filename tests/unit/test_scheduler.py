@@ -231,7 +231,9 @@ def test_the_time_bound_uses_the_measured_step_time_and_counts_rows_not_yet_admi
     assert not s.over_time_bound(0)  # no step measured yet: no guess
     batch = s.schedule()
     assert batch is not None
-    s.update(batch, StepResult(seconds=0.2))  # 36 row-steps left: 9 forwards of 0.2 s
+    # 36 row-steps left: 9 forwards, each 0.2 s of the device's time (its forward took 0.05 s of it; another
+    # model's forwards and the decodes took the rest)
+    s.update(batch, StepResult(seconds=0.05, cycle=0.2))
     assert s.backlog_seconds() == pytest.approx(1.8)
     assert not s.over_time_bound(0)
     assert s.over_time_bound(8)  # a job accepted but not yet admitted adds its row-steps
