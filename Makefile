@@ -43,6 +43,8 @@ bench: $(STAMP)
 	$(PY) -m bench.families --out docs/benchmarks.md
 	$(PY) -m bench.release --out docs/benchmarks.md
 	$(PY) -m bench.memory --out docs/benchmarks.md
+	$(PY) -m bench.overhead --out docs/benchmarks.md
+	$(PY) -m bench.scaling --out docs/benchmarks.md
 
 bench-families: $(STAMP)
 	$(PY) -m bench.families --out docs/benchmarks.md
