@@ -27,9 +27,17 @@ def submit(engine: Engine, request: GenerationRequest) -> Job:
         ) from full
 
 
+def _retrieved(future: asyncio.Future[GenerationResult]) -> None:
+    """Reads a finished future's exception, so that a job whose client left (nobody awaits it any more) is not
+    logged by asyncio as an error that was never retrieved."""
+    if not future.cancelled():
+        future.exception()
+
+
 async def wait_for(job: Job, engine: Engine, request: Request | None = None) -> GenerationResult:
     """The job's result; cancels it when the client disconnects (its rows leave at the next step)."""
     future = asyncio.wrap_future(job.future)
+    future.add_done_callback(_retrieved)
     while True:
         done, _ = await asyncio.wait({future}, timeout=DISCONNECT_POLL_SECONDS)
         if done:

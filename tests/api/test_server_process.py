@@ -84,3 +84,23 @@ def test_client_disconnect_stops_the_compute(server: str) -> None:
     assert 0 < before < 4 * 150  # it had started, and it did not run to the end
     time.sleep(0.5)
     assert _counter(httpx.get(f"{server}/metrics").text, evals) == before  # no more compute for it
+
+
+def test_a_client_that_leaves_puts_no_error_in_the_log(tiny_models_dir: Path, tmp_path: Path) -> None:
+    """The cancelled job's outcome is nobody's to read once its client left: asyncio must not log it as an error
+    never retrieved (not while serving, not when the process ends)."""
+    env = {"IMAGEGEN_MODELS_DIR": str(tiny_models_dir), "IMAGEGEN_MAX_AREA_FACTOR": "64", "IMAGEGEN_DEVICE": "cpu",
+           "IMAGEGEN_TORCH_THREADS": "1"}  # fmt: skip
+    cancelled = 'imagegen_jobs_total{model="tiny-eps",outcome="cancelled"}'
+    body = {"model": "tiny-eps", "prompt": "a mug", "size": "64x64", "n": 2, "num_inference_steps": 150}
+    log = tmp_path / "server.log"
+    with running_server(env, log) as base:
+        for _ in range(2):
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{base}/v1/images/generations", json=body, timeout=0.5)
+        deadline = time.monotonic() + 30
+        while _counter(httpx.get(f"{base}/metrics").text, cancelled) < 2:
+            assert time.monotonic() < deadline, "the jobs were not cancelled after their clients left"
+            time.sleep(0.1)
+    text = log.read_text()
+    assert "never retrieved" not in text and '"level": "ERROR"' not in text, text[-2000:]
