@@ -132,6 +132,17 @@ class Load:
     lock: threading.Lock = field(default_factory=threading.Lock)
 
 
+def wait_until_ready(base: str) -> None:
+    for _ in range(1200):
+        try:
+            if httpx.get(f"{base}/readyz").status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError("service did not start")
+
+
 class Service:
     def __init__(
         self, models_dir: Path, models: dict[str, str], device: str, dtype: str, max_rows: int, threads: int,
@@ -150,14 +161,7 @@ class Service:
                "IMAGEGEN_LOG_LEVEL": "warning"}  # fmt: skip
         self.proc = subprocess.Popen([sys.executable, "-m", "imagegen", "serve"], cwd=ROOT, env=env)
         self.base = f"http://127.0.0.1:{self.port}"
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{self.base}/readyz").status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
-        raise RuntimeError("service did not start")
+        wait_until_ready(self.base)
 
     def close(self) -> None:
         self.proc.terminate()

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import httpx
 
+from bench.__main__ import wait_until_ready
 from bench.report import publish
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -47,13 +48,7 @@ def main() -> None:
     body = {"model": args.model, "prompt": "a red mug on a white background", "num_inference_steps": 4}
     rows: list[tuple[int, int, float]] = []
     try:
-        for _ in range(1200):
-            try:
-                if httpx.get(f"{base}/readyz").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            time.sleep(0.25)
+        wait_until_ready(base)
         rows.append((0, 0, rss_mb(proc.pid)))
         answered = accepted = 0
         started = time.perf_counter()

@@ -237,10 +237,11 @@ class Runner:
         uncond_of = [-1] * n
         for k, j in enumerate(guided):
             uncond_of[j] = n + k
-        next_step = [min(i + 1, r.plan.steps - 1) for r, i in rows]  # the inpainting blend's noise level
-        last_step = [r.plan.steps - 1 for r, _ in rows]
+        blend = []  # the inpainting blend's next noise level and last step, only when a row inpaints
+        if any(r.inpaint for r, _ in rows):
+            blend = [min(i + 1, r.plan.steps - 1) for r, i in rows] + [r.plan.steps - 1 for r, _ in rows]
         f = len(f_slot)
-        index = to_device(torch.tensor(f_slot + f_step + f_bank + uncond_of + next_step + last_step), g.device)
+        index = to_device(torch.tensor(f_slot + f_step + f_bank + uncond_of + blend), g.device)
         fs, ft, fb = index[:f], index[f : 2 * f], index[2 * f : 3 * f]
         uncond_index, nxt, last = index[3 * f : 3 * f + n], index[3 * f + n : 3 * f + 2 * n], index[3 * f + 2 * n :]
         slot_t, step_t = fs[:n], ft[:n]

@@ -70,16 +70,20 @@ def _counter(metrics: str, series: str) -> float:
     return 0.0
 
 
+def wait_for_counter(base: str, series: str, at_least: float, what: str) -> None:
+    deadline = time.monotonic() + 30
+    while _counter(httpx.get(f"{base}/metrics").text, series) < at_least:
+        assert time.monotonic() < deadline, what
+        time.sleep(0.1)
+
+
 def test_client_disconnect_stops_the_compute(server: str) -> None:
     evals = 'imagegen_unet_evaluations_total{kind="cond",model="tiny-eps"}'
     cancelled = 'imagegen_jobs_total{model="tiny-eps",outcome="cancelled"}'
     body = {"model": "tiny-eps", "prompt": "a mug", "size": "64x64", "n": 4, "num_inference_steps": 150}
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(f"{server}/v1/images/generations", json=body, timeout=1.0)
-    deadline = time.monotonic() + 30
-    while _counter(httpx.get(f"{server}/metrics").text, cancelled) < 1:
-        assert time.monotonic() < deadline, "the job was not cancelled after the client left"
-        time.sleep(0.1)
+    wait_for_counter(server, cancelled, 1, "the job was not cancelled after the client left")
     before = _counter(httpx.get(f"{server}/metrics").text, evals)
     assert 0 < before < 4 * 150  # it had started, and it did not run to the end
     time.sleep(0.5)
@@ -98,9 +102,6 @@ def test_a_client_that_leaves_puts_no_error_in_the_log(tiny_models_dir: Path, tm
         for _ in range(2):
             with pytest.raises(httpx.ReadTimeout):
                 httpx.post(f"{base}/v1/images/generations", json=body, timeout=0.5)
-        deadline = time.monotonic() + 30
-        while _counter(httpx.get(f"{base}/metrics").text, cancelled) < 2:
-            assert time.monotonic() < deadline, "the jobs were not cancelled after their clients left"
-            time.sleep(0.1)
+        wait_for_counter(base, cancelled, 2, "the jobs were not cancelled after their clients left")
     text = log.read_text()
     assert "never retrieved" not in text and '"level": "ERROR"' not in text, text[-2000:]
